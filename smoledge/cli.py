@@ -1,0 +1,70 @@
+"""The ``smoledge`` console command.
+
+Each subcommand is a library function plus a parser, living in its own module that exposes
+``configure_parser(parser)`` and ``main(args) -> int``.  Command modules import heavy libraries (torch,
+transformers) inside ``main`` only, so ``smoledge run`` stays light.  A new subcommand is one line in
+``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from smoledge import __version__
+from smoledge.errors import SmolEdgeError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("smoledge.export.cli", "export a SmolVLM checkpoint to a phone-ready bundle"),
+    "demo-model": ("smoledge.export.demo_models", "build an offline demo model (real-text or tiny)"),
+    "run": ("smoledge.runtime.cli", "answer a prompt (with images) from a bundle"),
+    "bundle": ("smoledge.runtime.bundle_cli", "verify or describe a bundle"),
+    "fidelity": ("smoledge.quantize.fidelity", "compare a quantized bundle against fp32"),
+    "doctor": ("smoledge.cloud_fallback.doctor", "show what this device can run; calibrate its speed"),
+    "usage": ("smoledge.cloud_fallback.usage_cli", "print the cloud usage ledger"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoledge", description="SmolVLM on the edge, with a cloud fallback.")
+    parser.add_argument("--version", action="version", version=f"smoledge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a command whose module is not installed in this build
+            continue
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        module.configure_parser(cmd)
+        cmd.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except SmolEdgeError as err:
+        if args.debug:
+            raise
+        print(f"smoledge {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"smoledge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print(f"smoledge {args.command}: error: out of memory (try a smaller image or model)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
