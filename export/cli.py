@@ -1,0 +1,47 @@
+"""``smoledge export MODEL --format onnx --quant int4 --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from smoledge.quantize.recipe import builtin_recipes
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="hub id (e.g. HuggingFaceTB/SmolVLM2-2.2B-Instruct) or a local checkpoint folder")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit); ignored for a local folder")
+    parser.add_argument("--format", dest="formats", action="append", choices=["onnx", "executorch", "coreml"],
+                        help="artifact format to add to the bundle (repeatable; default onnx)")
+    parser.add_argument("--quant", default="int4",
+                        help=f"quantization recipe: {', '.join(builtin_recipes())} or a recipe .json (default int4)")
+    parser.add_argument("--vision-precision", choices=["fp32", "int8", "int4"],
+                        help="override the recipe for the vision encoder and connector")
+    parser.add_argument("--ort-fusions", default="cpu", choices=["cpu", "cuda", "webgpu", "dml", "none"],
+                        help="fuse ONNX graphs into ONNX Runtime ops for this provider (default cpu)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (or add a format to)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+    import warnings
+
+    from smoledge.export.pipeline import ExportJob, export_bundle, target_module
+    from smoledge.quantize.recipe import load_recipe, with_vision_precision
+
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+    formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
+    recipe = with_vision_precision(load_recipe(args.quant), args.vision_precision)
+    options = {}
+    if "onnx" in formats:
+        onnx_target = target_module("onnx")
+        options["onnx"] = onnx_target.OnnxTargetOptions(ort_fusions=None if args.ort_fusions == "none"
+                                                        else args.ort_fusions)
+    job = ExportJob(model=args.model, out=args.out, recipe=recipe, formats=formats, revision=args.revision,
+                    target_options=options)
+    path = export_bundle(job, show_progress=not args.no_progress)
+    print(path)
+    return 0

@@ -1,0 +1,113 @@
+"""The format-independent part of the manifest, read off the model and its processor."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from smoledge import __version__
+from smoledge.export.loader import Checkpoint
+from smoledge.runtime.bundle import SCHEMA_VERSION
+from smoledge.runtime.preprocess import ImageProcessorConfig
+from smoledge.runtime.prompt import ImageTokens
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def image_seq_len(config) -> int:
+    vc = config.vision_config
+    return ((vc.image_size // vc.patch_size) // config.scale_factor) ** 2
+
+
+def describe_model(checkpoint: Checkpoint, model, processor) -> dict:
+    """Every manifest section that does not depend on the artifact format."""
+    config = model.config
+    tokenizer = processor.tokenizer
+    seq_len = image_seq_len(config)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "smoledge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model_id": checkpoint.model_id, "revision": checkpoint.revision,
+                   "files": checkpoint.file_hashes, "adapter": None},
+        "model": _model_section(config),
+        "context_length": int(config.text_config.max_position_embeddings),
+        "image": ImageProcessorConfig.from_hf_preprocessor_config(
+            processor.image_processor.to_dict(), seq_len).to_dict(),
+        "tokens": _tokens_section(tokenizer, config),
+        "chat_template": _chat_template(processor),
+        "generation": _generation_section(model, tokenizer),
+        "memory": _memory_section(config),
+        "tokenizer": {"file": "tokenizer.json"},
+    }
+
+
+def _model_section(config) -> dict:
+    tc, vc = config.text_config, config.vision_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "architecture": type(config).__name__.removesuffix("Config") + "ForConditionalGeneration",
+        "scale_factor": config.scale_factor,
+        "image_seq_len": image_seq_len(config),
+        "text": {"model_type": tc.model_type, "hidden_size": tc.hidden_size,
+                 "num_hidden_layers": tc.num_hidden_layers, "num_attention_heads": tc.num_attention_heads,
+                 "num_key_value_heads": tc.num_key_value_heads, "head_dim": head_dim,
+                 "intermediate_size": tc.intermediate_size, "vocab_size": tc.vocab_size},
+        "vision": {"hidden_size": vc.hidden_size, "num_hidden_layers": vc.num_hidden_layers,
+                   "num_attention_heads": vc.num_attention_heads, "intermediate_size": vc.intermediate_size,
+                   "image_size": vc.image_size, "patch_size": vc.patch_size},
+    }
+
+
+def _tokens_section(tokenizer, config) -> dict:
+    image = ImageTokens()
+    image_id = tokenizer.convert_tokens_to_ids(image.image)
+    if image_id != config.image_token_id:
+        from smoledge.errors import ExportError
+
+        raise ExportError(f"the tokenizer's {image.image} id ({image_id}) differs from the model's "
+                          f"image_token_id ({config.image_token_id})", hint="the checkpoint's tokenizer does not "
+                          "belong to its weights")
+    return {
+        **image.to_dict(),
+        "image_token_id": image_id,
+        "bos_token": tokenizer.bos_token, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return sorted(set(int(i) for i in ids))
+
+
+def _generation_section(model, tokenizer) -> dict:
+    return {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "eos_token_ids": _eos_ids(model, tokenizer),
+            "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def _chat_template(processor) -> str:
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()))
+    if not template:
+        from smoledge.errors import ExportError
+
+        raise ExportError("the checkpoint has no chat template", hint="add chat_template.jinja to the checkpoint")
+    return template
+
+
+def _memory_section(config) -> dict:
+    """Figures the router needs; weight_bytes is filled in from the artifacts once they are written."""
+    tc, vc = config.text_config, config.vision_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    patches = (vc.image_size // vc.patch_size) ** 2
+    kv_bytes_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * 4  # fp32 K and V
+    # Peak activations of one tile in the vision encoder: hidden states, the MLP, one attention matrix.
+    vision_bytes = 4 * patches * (4 * vc.hidden_size + vc.intermediate_size) + 4 * vc.num_attention_heads * patches**2
+    return {"weight_bytes": 0, "kv_bytes_per_token": kv_bytes_per_token, "vision_bytes_per_tile": vision_bytes,
+            "notes": "weight_bytes: the largest format's weights; KV cache kept in float32"}

@@ -1,0 +1,148 @@
+"""Export-friendly views of a SmolVLM model: the three graphs the bundle carries.
+
+The names follow the onnx-community SmolVLM exports so existing ONNX consumers recognise them:
+
+* ``vision_encoder``: pixel_values [N,3,H,W] + pixel_attention_mask [N,H,W] -> image_features
+  [N, image_seq_len, text_hidden].  The runtime sends only real tiles, so HF's data-dependent removal of
+  padding images is not traced; ``bucketize`` becomes a comparison count (identical results, and an op
+  every backend has).
+* ``embed_tokens``: input_ids [B,S] -> inputs_embeds [B,S,D].
+* ``decoder_model_merged``: inputs_embeds, attention_mask [B,P+S], position_ids [B,S] and the past
+  key/values (length P, may be 0) -> logits and present key/values.  One graph for prefill and decode.
+  The 4D mask is built here from the 2D one (HF's mask builders use ``torch.vmap``), and the layers are
+  driven directly with a concatenating cache, so no HF mask/cache machinery is traced.
+
+Every module here wraps the model's own submodules: the weights are the model's, the parity tests
+compare each graph with transformers eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+def text_shape(model) -> TextShape:
+    cfg = model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return TextShape(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, cfg.vocab_size)
+
+
+def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+class VisionEncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        inner = model.model
+        self.vision = inner.vision_model
+        self.connector = inner.connector
+        self.patch_size = model.config.vision_config.patch_size
+        self.per_side = model.config.vision_config.image_size // self.patch_size
+        # Evaluated here, as HF evaluates it: a float arange's length depends on rounding, which an
+        # exported Range op would redo differently.
+        boundaries = torch.arange(1 / self.per_side, 1.0, 1 / self.per_side, dtype=torch.float32)
+        self.register_buffer("boundaries", boundaries, persistent=False)
+
+    def patch_positions(self, patch_mask: torch.Tensor) -> torch.Tensor:
+        """HF's fractional-coordinate bucketing, with bucketize as a count of boundaries <= x."""
+        n, rows, cols = patch_mask.shape
+        boundaries = self.boundaries
+        step_h = 1.0 / patch_mask[:, :, 0].sum(dim=1)
+        step_w = 1.0 / patch_mask[:, 0, :].sum(dim=1)
+        frac_h = torch.arange(rows, dtype=torch.float32)[None, :] * step_h[:, None]
+        frac_w = torch.arange(cols, dtype=torch.float32)[None, :] * step_w[:, None]
+        frac_h = torch.clamp(frac_h, max=1.0 - 1e-6)
+        frac_w = torch.clamp(frac_w, max=1.0 - 1e-6)
+        bucket_h = (frac_h[..., None] >= boundaries).sum(-1)
+        bucket_w = (frac_w[..., None] >= boundaries).sum(-1)
+        pos = (bucket_h[:, :, None] * self.per_side + bucket_w[:, None, :]).reshape(n, -1)
+        return torch.where(patch_mask.reshape(n, -1), pos, torch.zeros_like(pos))
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = pixel_values.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p
+        pixel_mask = pixel_attention_mask[:, : rows * p, : cols * p].to(torch.int32)
+        patch_mask = pixel_mask.reshape(n, rows, p, cols, p).sum(dim=(2, 4)) > 0
+
+        emb = self.vision.embeddings
+        hidden = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        hidden = hidden + emb.position_embedding(self.patch_positions(patch_mask))
+
+        keep = patch_mask.reshape(n, 1, 1, -1)
+        mask = torch.zeros(keep.shape, dtype=hidden.dtype).masked_fill(~keep, torch.finfo(hidden.dtype).min)
+        for layer in self.vision.encoder.layers:
+            hidden = layer(hidden, attention_mask=mask)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = self.vision.post_layernorm(hidden)
+        return self.connector(hidden)
+
+
+class EmbedTokensGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.model.text_model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class _ConcatCache:
+    """The smallest cache the HF attention layers accept: past + new, kept as the graph's present."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = list(past)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        past_key, past_value = self.layers[layer_idx]
+        key = torch.cat([past_key, key], dim=2)
+        value = torch.cat([past_value, value], dim=2)
+        self.layers[layer_idx] = (key, value)
+        return key, value
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, P+S] 0/1 -> additive [B, 1, S, P+S]: a query sees keys up to its own position, never padding."""
+    total = attention_mask.shape[1]
+    past = total - query_len
+    q_pos = torch.arange(query_len)[:, None] + past
+    k_pos = torch.arange(total)[None, :]
+    allowed = (k_pos <= q_pos)[None, None, :, :] & (attention_mask[:, None, None, :] > 0)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.text = model.model.text_model
+        self.lm_head = model.lm_head
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        cache = _ConcatCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+        mask = causal_padding_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
+        hidden = inputs_embeds
+        rope = self.text.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.text.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
+                           use_cache=True, position_embeddings=rope)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        logits = self.lm_head(self.text.norm(hidden))
+        present = [t for pair in cache.layers for t in pair]
+        return (logits, *present)

@@ -1,0 +1,132 @@
+"""Apply a :class:`~smoledge.quantize.recipe.Recipe` to an ONNX graph with onnxruntime's quantizer.
+
+MatMul weights become ``MatMulNBits`` and the token embedding ``GatherBlockQuantized`` through
+``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``: one pass per distinct scheme,
+each restricted to the nodes its rule matched.  Node names are the HF module
+names given by :func:`smoledge.export.onnx_export.name_weight_nodes`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from smoledge.quantize.recipe import Recipe, Scheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What a graph became: counts per scheme and the stored bits per quantizable weight."""
+
+    schemes: dict[str, int]
+    weights: int
+    weight_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.weight_bytes / self.weights if self.weights else 0.0
+
+    def to_dict(self) -> dict:
+        return {"schemes": self.schemes, "weights": self.weights, "weight_bytes": self.weight_bytes,
+                "bits_per_weight": round(self.bits_per_weight, 3)}
+
+
+def _algo_config(scheme: Scheme, op_types: tuple[str, ...]):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if scheme.algorithm == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=scheme.bits,
+                                            op_types_to_quantize=op_types)
+    return mnq.DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=scheme.symmetric,
+                                            accuracy_level=scheme.accuracy_level, bits=scheme.bits,
+                                            op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+
+
+def _weight_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    inits = {i.name for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" else node.input[0] if node.op_type == "Gather" else None
+        if weight in inits:
+            found[node.name] = node
+    return found
+
+
+def quantize_model(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, QuantReport]:
+    """Quantize ``model`` (weights loaded) as ``recipe`` says; returns the new model and a report of what
+    the graph really holds afterwards (onnxruntime skips what it cannot do, e.g. an 8-bit Gather)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    nodes = _weight_nodes(model)
+    weights = sum(_numel(model, n) for n in nodes.values())
+    groups: dict[Scheme, list[str]] = defaultdict(list)
+    for name in nodes:
+        scheme = recipe.scheme_for(name)
+        if scheme is not None:
+            groups[scheme].append(name)
+    asked: dict[str, Scheme] = {}
+    for scheme, names in groups.items():
+        op_types = tuple(sorted({nodes[n].op_type for n in names}))
+        # onnxruntime's nodes_to_include widens op_types_to_quantize rather than narrowing it: restrict
+        # each pass by excluding every other weight node instead.
+        others = [n for n in nodes if n not in set(names)]
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=_algo_config(scheme, op_types))
+        quantizer.process()
+        model = quantizer.model.model
+        asked.update(dict.fromkeys(names, scheme))
+    counts = _count_outcomes(model, nodes, asked)
+    return model, QuantReport(counts, weights, _weight_storage_bytes(model, set(nodes)))
+
+
+_QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+def _count_outcomes(model: onnx.ModelProto, original: dict, asked: dict[str, Scheme]) -> dict[str, int]:
+    done = {n.name.removesuffix("_Q4").removesuffix("_Q8").removesuffix("_Q2") for n in model.graph.node
+            if n.op_type in _QUANT_OPS}
+    counts: dict[str, int] = defaultdict(int)
+    for name in original:
+        if name in done:
+            counts[asked[name].label()] += 1
+        else:
+            if name in asked:
+                log.warning("onnxruntime left %s unquantized (%s asked)", name, asked[name].label())
+            counts["float"] += 1
+    return dict(counts)
+
+
+def _numel(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    name = node.input[1] if node.op_type == "MatMul" else node.input[0]
+    init = next(i for i in model.graph.initializer if i.name == name)
+    return int(np.prod(init.dims))
+
+
+def _weight_storage_bytes(model: onnx.ModelProto, original_nodes: set[str]) -> int:
+    """Bytes of every initializer read by a (possibly quantized) weight node: data + scales + zero points."""
+    inits = {i.name: i for i in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        base = node.name.removesuffix("_Q4").removesuffix("_Q8").removesuffix("_Q2")
+        if node.name not in original_nodes and base not in original_nodes:
+            continue
+        if node.op_type in ("MatMul", "MatMulNBits"):
+            inputs = node.input[1:]
+        elif node.op_type == "Gather":
+            inputs = node.input[:1]
+        else:  # GatherBlockQuantized: data, indices, scales, zero points
+            inputs = [node.input[0], *node.input[2:]]
+        total += sum(_tensor_bytes(inits[name]) for name in inputs if name in inits)
+    return total
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (int(np.prod(tensor.dims)) + 1) // 2
+    return int(np.prod(tensor.dims)) * itemsize

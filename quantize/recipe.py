@@ -1,0 +1,133 @@
+"""Quantization recipes as data.
+
+A recipe is an ordered list of rules; each rule maps a weight-name pattern (HF parameter names, without
+``.weight``: ``model.text_model.layers.3.mlp.down_proj``, ``lm_head``, ``model.text_model.embed_tokens``)
+to a scheme.  The first matching rule wins; a weight no rule matches stays in float.  A recipe says
+nothing about packing or backend: the ONNX, ExecuTorch and Core ML targets each map a scheme onto
+their own quantizer, and the recipe is written verbatim into the bundle manifest.
+
+Built-in recipes live as JSON files in ``quantize/recipes/``; ``--quant NAME`` picks one, ``--quant
+path/to/recipe.json`` loads your own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from smoledge.errors import ConfigError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+ALGORITHMS = ("rtn", "hqq")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one weight is stored.  ``bits=None`` keeps it in float (``float_dtype``)."""
+
+    bits: int | None = 4
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4  # ONNX Runtime MatMulNBits: 4 = int8 activations on CPU
+    algorithm: str = "rtn"
+    float_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.bits not in (None, 4, 8):
+            raise ConfigError(f"quantization bits must be 4, 8 or null (keep float), got {self.bits!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown quantization algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+
+    @property
+    def keeps_float(self) -> bool:
+        return self.bits is None
+
+    def label(self) -> str:
+        if self.keeps_float:
+            return self.float_dtype
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits}-{kind}-b{self.block_size}-{self.algorithm}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    scheme: Scheme
+
+    def matches(self, weight_name: str) -> bool:
+        return fnmatch.fnmatchcase(weight_name, self.match)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+    notes: dict = field(default_factory=dict)
+
+    def scheme_for(self, weight_name: str) -> Scheme | None:
+        for rule in self.rules:
+            if rule.matches(weight_name):
+                return None if rule.scheme.keeps_float else rule.scheme
+        return None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "notes": dict(self.notes),
+                "rules": [{"match": r.match, "scheme": asdict(r.scheme)} for r in self.rules]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        try:
+            rules = tuple(Rule(r["match"], Scheme(**r.get("scheme", {}))) for r in data["rules"])
+            return cls(name=data["name"], rules=rules, description=data.get("description", ""),
+                       notes=data.get("notes", {}))
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"malformed quantization recipe: {err}",
+                              hint="a recipe is {name, rules: [{match, scheme: {bits, block_size, ...}}]}") from None
+
+    def with_rules_first(self, rules: tuple[Rule, ...], suffix: str) -> "Recipe":
+        """The same recipe with ``rules`` tried before its own (e.g. a --vision-precision override)."""
+        return Recipe(f"{self.name}+{suffix}", tuple(rules) + self.rules, self.description, dict(self.notes))
+
+    @property
+    def is_float(self) -> bool:
+        return all(rule.scheme.keeps_float for rule in self.rules)
+
+
+FLOAT = Scheme(bits=None)
+INT8 = Scheme(bits=8, block_size=32, symmetric=False)
+INT4 = Scheme(bits=4, block_size=32, symmetric=False)
+PRECISIONS = {"fp32": FLOAT, "int8": INT8, "int4": INT4}
+VISION_PATTERNS = ("model.vision_model.*", "model.connector.*")
+
+
+def with_vision_precision(recipe: Recipe, precision: str | None) -> Recipe:
+    """Override the recipe for the vision encoder and connector (``--vision-precision``)."""
+    if precision is None:
+        return recipe
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown vision precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    rules = tuple(Rule(p, PRECISIONS[precision]) for p in VISION_PATTERNS)
+    return recipe.with_rules_first(rules, f"vision-{precision}")
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown quantization recipe {str(name_or_path)!r}",
+                          hint=f"use one of {', '.join(builtin_recipes())} or a path to a recipe .json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read quantization recipe {path}: {err}") from None
+    return Recipe.from_dict(data)

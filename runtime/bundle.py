@@ -1,0 +1,183 @@
+"""The bundle: the only contract between export and runtime.
+
+A bundle is a folder (or a ``.zip`` of one) holding ``manifest.json``, ``tokenizer.json`` and the
+artifacts of one or more formats.  The manifest says everything the runtime needs; nothing is parsed
+from file names.  Its top-level keys (schema 1):
+
+``schema_version``, ``smoledge_version``, ``created``
+``source``          model_id, revision, files {name: sha256}, adapter
+``model``           model_type, text {hidden_size, num_hidden_layers, num_attention_heads,
+                    num_key_value_heads, head_dim, vocab_size}, vision {image_size, patch_size, ...},
+                    scale_factor
+``context_length``  the longest prompt + answer the decoder takes
+``image``           the image processor settings (see runtime.preprocess.ImageProcessorConfig)
+``tokens``          bos/eos/pad/image token ids and the image-placeholder strings
+``chat_template``   the Jinja chat template the weights were trained with
+``generation``      defaults: max_new_tokens, eos_token_ids, ...
+``memory``          weight_bytes, kv_bytes_per_token, vision_bytes_per_tile (for the router)
+``tokenizer``       {"file": "tokenizer.json"}
+``artifacts``       {format: {...}} e.g. artifacts.onnx.graphs.decoder_model_merged.file
+``files``           {relative path: {sha256, size}} for every file above
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from smoledge.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_REQUIRED = ("schema_version", "source", "model", "context_length", "image", "tokens", "chat_template",
+             "generation", "memory", "tokenizer", "artifacts", "files")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted(self.manifest["artifacts"])
+
+    def file(self, relative: str) -> Path:
+        """The path of a file the manifest lists (never anything outside the bundle)."""
+        if relative not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.path} lists no file {relative!r}", hint="re-export the bundle")
+        resolved = (self.path / relative).resolve()
+        if self.path.resolve() not in resolved.parents:
+            raise BundleError(f"bundle {self.path} points outside itself ({relative!r})",
+                              hint="the manifest was tampered with; re-export the bundle")
+        return resolved
+
+    def artifact(self, fmt: str) -> dict:
+        try:
+            return self.manifest["artifacts"][fmt]
+        except KeyError:
+            raise BundleError(f"bundle {self.path} has no {fmt} artifacts (it has: {', '.join(self.formats)})",
+                              hint=f"export them with: smoledge export MODEL --format {fmt} --out {self.path}") from None
+
+    def verify(self, *, full: bool = True) -> list[str]:
+        """Check every listed file: present, right size and (``full``) right sha256.  Raises on the first
+        problem; returns the files checked."""
+        checked = []
+        for rel, meta in sorted(self.manifest["files"].items()):
+            path = self.file(rel)
+            if not path.is_file():
+                raise BundleError(f"bundle {self.path} is missing {rel}", hint="re-export the bundle")
+            size = path.stat().st_size
+            if size != meta["size"]:
+                raise BundleError(f"{rel} in bundle {self.path} is {size} bytes, the manifest says {meta['size']} "
+                                  "(truncated or replaced)", hint="re-export or re-copy the bundle")
+            if full and sha256_file(path) != meta["sha256"]:
+                raise BundleError(f"{rel} in bundle {self.path} does not match its sha256 (tampered or corrupt)",
+                                  hint="re-export or re-copy the bundle")
+            checked.append(rel)
+        return checked
+
+
+def open_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle folder (or ``.zip``), check its manifest schema and, by default, its files."""
+    path = Path(path).expanduser()
+    if path.is_file() and zipfile.is_zipfile(path):
+        path = _extract_zip(path)
+    if not path.exists():
+        raise BundleError(f"no bundle at {path}", hint="give the folder written by 'smoledge export'")
+    manifest = read_manifest(path)
+    bundle = Bundle(path, manifest)
+    if verify:
+        _verify_cached(bundle)
+    return bundle
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{path} is not a smoledge bundle (no {MANIFEST})",
+                          hint="give the folder written by 'smoledge export'")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"the manifest of {path} is unreadable ({err})", hint="re-export the bundle") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"the manifest of {path} is not a JSON object", hint="re-export the bundle")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise BundleError(f"the manifest of {path} has no schema_version", hint="re-export the bundle")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"bundle {path} uses manifest schema {version}, newer than this smoledge reads "
+                          f"({SCHEMA_VERSION})", hint="upgrade smoledge: pip install -U smoledge")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise BundleError(f"the manifest of {path} lacks {', '.join(missing)}", hint="re-export the bundle")
+    return manifest
+
+
+def _verify_cached(bundle: Bundle) -> None:
+    """Full sha256 check, skipped for files whose size and mtime are unchanged since the last full check
+    of this bundle (``smoledge bundle verify`` always hashes everything)."""
+    from smoledge.runtime.cache import cache_dir
+
+    key_name = hashlib.sha256(str(bundle.path.resolve()).encode()).hexdigest()[:16]
+    stamp_path = cache_dir() / "verified" / f"{key_name}.json"
+    stamps = {}
+    try:
+        stamps = json.loads(stamp_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    fresh, changed = {}, False
+    for rel, meta in bundle.manifest["files"].items():
+        path = bundle.file(rel)
+        try:
+            st = path.stat()
+        except OSError:
+            raise BundleError(f"bundle {bundle.path} is missing {rel}", hint="re-export the bundle") from None
+        key = [meta["sha256"], st.st_size, st.st_mtime_ns]
+        if stamps.get(rel) != key:
+            Bundle(bundle.path, {**bundle.manifest, "files": {rel: meta}}).verify(full=True)
+            changed = True
+        fresh[rel] = key
+    if changed or set(stamps) != set(fresh):
+        try:
+            stamp_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stamp_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, stamp_path)
+        except OSError:
+            pass  # without a writable cache, the bundle is verified in full every time
+
+
+def _extract_zip(path: Path) -> Path:
+    from smoledge.runtime.cache import cache_dir
+
+    digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "bundles" / digest[:16]
+    if (target / MANIFEST).is_file():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise BundleError(f"bundle zip {path} has an unsafe entry {member!r}", hint="re-export it")
+            zf.extractall(partial)
+    except zipfile.BadZipFile as err:
+        raise BundleError(f"bundle zip {path} is corrupt ({err})", hint="re-copy or re-export it") from None
+    roots = [p for p in partial.iterdir()]
+    inner = roots[0] if len(roots) == 1 and roots[0].is_dir() else partial
+    os.replace(inner, target) if inner is not partial else os.replace(partial, target)
+    return target

@@ -1,0 +1,68 @@
+"""``smoledge run BUNDLE --image IMG --prompt TEXT [--stream]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smoledge.runtime.backends import BACKENDS
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle folder or .zip written by 'smoledge export'")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    parser.add_argument("--image", action="append", default=[], help="image file (repeatable, in prompt order)")
+    parser.add_argument("--system", help="a system message")
+    parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: bundle's)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), help="which artifacts to run")
+    parser.add_argument("--providers", default="CPUExecutionProvider",
+                        help="comma-separated onnxruntime execution providers (CUDA, CoreML, NNAPI, XNNPACK, ...)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
+    parser.add_argument("--stats", action="store_true", help="print timing figures to stderr")
+
+
+def build_request(args: argparse.Namespace, manifest: dict):
+    from smoledge.errors import ConfigError
+    from smoledge.runtime.types import ChatRequest, Message, SamplingConfig, TextPart
+
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else manifest["generation"]["max_new_tokens"]
+    if max_new < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
+        raise ConfigError("sampling settings out of range",
+                          hint="temperature >= 0, 0 < top-p <= 1, top-k >= 0, repetition-penalty > 0")
+    messages = [Message("system", (TextPart(args.system),))] if args.system else []
+    messages.append(Message.user(args.prompt, args.image))
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              stop=tuple(args.stop))
+    return ChatRequest(tuple(messages), sampling)
+
+
+def main(args: argparse.Namespace) -> int:
+    from smoledge.runtime.pipeline import Pipeline
+
+    options = {"providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+               "threads": args.threads} if args.backend == "onnx" else {}
+    pipe = Pipeline.load(args.bundle, args.backend, **options)
+    request = build_request(args, pipe.manifest)
+    pieces = []
+    for chunk in pipe.stream(request):
+        pieces.append(chunk.text)
+        if args.stream and chunk.text:
+            print(chunk.text, end="", flush=True)
+    print("" if args.stream else "".join(pieces).strip())
+    if args.stats:
+        s = pipe.last_stats
+        rate = (s.completion_tokens - 1) / max(s.total_s - s.time_to_first_token_s, 1e-9)
+        print(f"[local {args.backend}: {s.prompt_tokens} prompt tokens, {s.image_tiles} tiles, "
+              f"{s.completion_tokens} new tokens; first token {s.time_to_first_token_s:.2f} s, "
+              f"{rate:.1f} tok/s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,141 @@
+"""A loaded bundle that answers chat requests: the local engine the CLI, the server and the cloud
+fallback drive.
+
+``Pipeline.load(path)`` opens and verifies the bundle, loads the tokenizer and a backend; then
+``measure`` says what a request costs without running the model, ``stream`` answers it chunk by chunk
+and ``generate`` returns the text.  Only numpy, pillow, tokenizers, jinja2 and the backend's runtime
+are imported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smoledge.errors import BundleError, InputError, PromptTooLongError, VideoError
+from smoledge.runtime.backends import load_backend
+from smoledge.runtime.bundle import Bundle, open_bundle
+from smoledge.runtime.generate import Sampler, generate_step, generate_text, stream_generate
+from smoledge.runtime.preprocess import ImageProcessorConfig, ProcessedImages, load_image, preprocess, tile_grid
+from smoledge.runtime.prompt import ImageTokens, add_special_tokens_for, build_prompt
+from smoledge.runtime.types import ChatRequest, GenerationStats, RequestShape, StreamChunk
+
+
+@dataclass(frozen=True)
+class Prepared:
+    input_ids: np.ndarray  # [1, S] int64
+    images: ProcessedImages | None
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backend):
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle
+        self.backend = backend
+        m = bundle.manifest
+        try:
+            self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))
+        except Exception as err:  # tokenizers raises a bare Exception on a bad file
+            raise BundleError(f"the bundle's tokenizer cannot be read ({err})", hint="re-export the bundle") from None
+        self.image_config = ImageProcessorConfig.from_dict(m["image"])
+        self.image_tokens = ImageTokens.from_dict({k: m["tokens"][k] for k in ("image", "fake_image", "global_image")})
+        self.image_token_id = int(m["tokens"]["image_token_id"])
+        self.eos_ids = tuple(m["generation"]["eos_token_ids"])
+        self.context_length = int(m["context_length"])
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "onnx", *, verify: bool = True, **backend_options) -> "Pipeline":
+        bundle = open_bundle(path, verify=verify)
+        return cls(bundle, load_backend(backend, bundle, **backend_options))
+
+    @property
+    def manifest(self) -> dict:
+        return self.bundle.manifest
+
+    # ------------------------------------------------------------------ prompt
+    def _prompt_ids(self, request: ChatRequest, grids) -> np.ndarray:
+        m = self.manifest
+        prompt = build_prompt(request.messages, grids, m["chat_template"], self.image_tokens,
+                              self.image_config.image_seq_len, bos_token=m["tokens"].get("bos_token"),
+                              eos_token=m["tokens"].get("eos_token"))
+        special = add_special_tokens_for(prompt, m["tokens"].get("bos_token"))
+        ids = self.tokenizer.encode(prompt, add_special_tokens=special).ids
+        return np.asarray([ids], dtype=np.int64)
+
+    def _check_request(self, request: ChatRequest) -> None:
+        if request.videos():
+            raise VideoError("video input is not supported by this runtime yet", hint="send frames as images")
+        if not any(m.content for m in request.messages):
+            raise InputError("the request has no content", hint="give a prompt")
+
+    def measure(self, request: ChatRequest) -> RequestShape:
+        """What the request costs, from image sizes and the tokenised prompt; no pixels decoded."""
+        from smoledge.runtime.preprocess import peek_image_size, tiles_in_grid
+
+        self._check_request(request)
+        grids = [tile_grid(*peek_image_size(img), self.image_config) for img in request.images()]
+        ids = self._prompt_ids(request, grids)
+        return RequestShape(prompt_tokens=ids.shape[1], max_new_tokens=request.sampling.max_new_tokens,
+                            image_tiles=sum(tiles_in_grid(r, c) for r, c in grids), images=len(grids))
+
+    def prepare(self, request: ChatRequest) -> Prepared:
+        self._check_request(request)
+        images = None
+        sources = request.images()
+        if sources:
+            images = preprocess([load_image(s) for s in sources], self.image_config)
+        ids = self._prompt_ids(request, images.grids if images else [])
+        total = ids.shape[1] + request.sampling.max_new_tokens
+        if total > self.context_length:
+            raise PromptTooLongError(
+                f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) = {total} "
+                f"exceeds the model's context window of {self.context_length}",
+                hint="shorten the prompt, use fewer/smaller images or lower --max-new-tokens")
+        return Prepared(ids, images)
+
+    # ------------------------------------------------------------------ generation
+    def prompt_embeds(self, prepared: Prepared) -> np.ndarray:
+        embeds = self.backend.embed(prepared.input_ids)
+        if prepared.images is not None:
+            features = self.backend.encode_images(prepared.images.pixel_values, prepared.images.pixel_attention_mask)
+            features = features.reshape(-1, features.shape[-1])
+            slots = np.flatnonzero(prepared.input_ids[0] == self.image_token_id)
+            if len(slots) != len(features):
+                raise InputError(f"the prompt has {len(slots)} image slots for {len(features)} image features",
+                                 hint="the prompt must not contain the literal image token text")
+            embeds = embeds.copy()
+            embeds[0, slots] = features
+        return embeds
+
+    def stream(self, request: ChatRequest) -> Iterator[StreamChunk]:
+        stats = self.last_stats = GenerationStats()
+        start = time.perf_counter()
+        prepared = self.prepare(request)
+        stats.preprocess_s = time.perf_counter() - start
+        stats.prompt_tokens = prepared.input_ids.shape[1]
+        stats.image_tiles = 0 if prepared.images is None else len(prepared.images.pixel_values)
+        t0 = time.perf_counter()
+        embeds = self.prompt_embeds(prepared)
+        stats.vision_s = time.perf_counter() - t0
+        cfg = request.sampling
+        cache = self.backend.new_cache(prepared.input_ids.shape[1] + cfg.max_new_tokens)
+        steps = generate_step(self.backend, embeds, cache, Sampler(cfg), cfg.max_new_tokens)
+        for chunk in stream_generate(steps, self.tokenizer, self.eos_ids, cfg.stop, cfg.max_new_tokens):
+            stats.completion_tokens += 1
+            if stats.completion_tokens == 1:
+                stats.time_to_first_token_s = time.perf_counter() - start
+            stats.total_s = time.perf_counter() - start
+            yield chunk
+
+    def generate(self, request: ChatRequest) -> str:
+        return generate_text(self.stream(request))
+
+
+def load(path: str | Path, backend: str = "onnx", **options) -> Pipeline:
+    return Pipeline.load(path, backend, **options)
