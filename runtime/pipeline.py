@@ -20,7 +20,7 @@ from smoledge.errors import BundleError, InputError, PromptTooLongError, VideoEr
 from smoledge.runtime.backends import load_backend
 from smoledge.runtime.bundle import Bundle, open_bundle
 from smoledge.runtime.generate import Sampler, generate_step, generate_text, stream_generate
-from smoledge.runtime.preprocess import ImageProcessorConfig, ProcessedImages, load_image, preprocess, tile_grid
+from smoledge.runtime.preprocess import ImageProcessorConfig, ProcessedImages, preprocess, tile_grid
 from smoledge.runtime.prompt import ImageTokens, add_special_tokens_for, build_prompt
 from smoledge.runtime.types import ChatRequest, GenerationStats, RequestShape, StreamChunk
 
@@ -89,7 +89,8 @@ class Pipeline:
         images = None
         sources = request.images()
         if sources:
-            images = preprocess([load_image(s) for s in sources], self.image_config)
+            # paths/bytes go through load_image inside preprocess; PIL images are taken as given (as HF does)
+            images = preprocess(list(sources), self.image_config)
         ids = self._prompt_ids(request, images.grids if images else [])
         total = ids.shape[1] + request.sampling.max_new_tokens
         if total > self.context_length:
