@@ -1,0 +1,82 @@
+"""Shared fixtures: offline models and bundles, built once per session (and cached across sessions in
+the smoledge cache dir, keyed by their build recipe)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from smoledge.export.demo_models import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def _export(model_dir: Path, out: Path, recipe: str, formats=("onnx",)) -> Path:
+    from smoledge.export.pipeline import ExportJob, export_bundle
+    from smoledge.quantize.recipe import load_recipe
+
+    return export_bundle(ExportJob(model=str(model_dir), out=out, recipe=load_recipe(recipe), formats=formats),
+                         show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def export_bundle_to():
+    return _export
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    return _export(tiny_model_dir, tmp_path_factory.mktemp("bundles") / "tiny-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    return _export(tiny_model_dir, tmp_path_factory.mktemp("bundles") / "tiny-int4", "int4")
+
+
+@pytest.fixture(scope="session")
+def realtext_model_dir() -> Path:
+    from smoledge.export.realtext_model import ensure_realtext_model
+
+    return ensure_realtext_model()
+
+
+@pytest.fixture(scope="session")
+def realtext_int4_bundle(realtext_model_dir, tmp_path_factory) -> Path:
+    return _export(realtext_model_dir, tmp_path_factory.mktemp("bundles") / "realtext-int4", "int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tiny_model_dir):
+    from transformers import AutoProcessor, SmolVLMForConditionalGeneration
+
+    model = SmolVLMForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    return model, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``smoledge ARGS`` as a user would, in a fresh process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "smoledge.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+
+
+def synthetic_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    # smooth gradients + noise: resizing and tiling give distinct, non-trivial tiles
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 / max(width, 1)), (y * 255 / max(height, 1)), ((x + y) * 127 / max(width + height, 1))], -1)
+    img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype("uint8")
+    return Image.fromarray(img).convert(mode)
