@@ -1,0 +1,38 @@
+"""Route a request between the device and Hugging Face Inference Providers.
+
+Public API::
+
+    answer(request, engine, config=...) -> Answer     # stream of StreamChunk, .decision = route + reason
+    answer_text(request, engine, config=...) -> Reply
+    format_decision(decision) -> str                  # "[route: cloud - 17 tiles > 5 allowed on ...]"
+    add_routing_arguments(parser)                     # --profile --no-cloud --deadline --project
+    router_config_from_args(args, env=None) -> RouterConfig
+    LocalEngine                                       # the protocol the local engine satisfies
+    decide(shape, manifest, profile, health, policy) -> Decision   # the pure routing policy
+
+Nothing heavy is imported here: the HTTP library is loaded on the first cloud call.
+"""
+
+from .answer import Answer, Reply, answer, answer_text, format_decision
+from .cloud import CloudFallback, cloud_targets
+from .config import (
+    CloudConfig,
+    CooldownConfig,
+    LedgerConfig,
+    PolicyConfig,
+    RetryConfig,
+    RouterConfig,
+    add_routing_arguments,
+    router_config_from_args,
+)
+from .engine import LocalEngine
+from .ledger import Ledger
+from .policy import Decision, LocalHealth, decide
+from .profiles import DeviceProfile, SpeedFigures, load_profile, profile_names
+
+__all__ = [
+    "Answer", "Reply", "answer", "answer_text", "format_decision", "CloudFallback", "cloud_targets",
+    "CloudConfig", "CooldownConfig", "LedgerConfig", "PolicyConfig", "RetryConfig", "RouterConfig",
+    "add_routing_arguments", "router_config_from_args", "LocalEngine", "Ledger", "Decision", "LocalHealth",
+    "decide", "DeviceProfile", "SpeedFigures", "load_profile", "profile_names",
+]

@@ -1,0 +1,167 @@
+"""Frozen configs of the router, one per component, and how they are built from flags + environment.
+
+``add_routing_arguments(parser)`` adds ``--profile``, ``--no-cloud``, ``--deadline`` and ``--project``;
+``router_config_from_args(args)`` turns the parsed flags and the environment into a
+:class:`RouterConfig`.  Environment variables (flags win over them):
+
+=========================  ============================================================================
+``SMOLEDGE_PROFILE``       device profile name (default ``auto``)
+``SMOLEDGE_NO_CLOUD``      ``1`` turns on never-cloud: no request ever leaves the device
+``SMOLEDGE_PROJECT``       project tag written into the usage ledger (default ``default``)
+``SMOLEDGE_CLOUD_BASE_URL`` the router's OpenAI-compatible base URL (default the public HF router)
+``SMOLEDGE_CLOUD_MODELS``  comma-separated ``model[:fastest|:cheapest|:provider]`` list: the substitute
+                           first, then the alternatives; overrides the bundle's manifest
+``SMOLEDGE_BILL_TO``       Hugging Face organisation billed for cloud calls
+``SMOLEDGE_CACHE_DIR``     folder for the ledger and calibrations (default the user cache dir)
+``HF_TOKEN``               the token (or the ``hf auth login`` token); never written anywhere
+=========================  ============================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smoledge.errors import ConfigError
+
+from .profiles import DeviceProfile, load_profile
+
+DEFAULT_BASE_URL = "https://router.huggingface.co/v1"
+# No provider serves SmolVLM itself; these VLMs are served by Inference Providers.
+DEFAULT_MODELS = (
+    "Qwen/Qwen2.5-VL-7B-Instruct:fastest",
+    "Qwen/Qwen2.5-VL-32B-Instruct:fastest",
+    "google/gemma-3-27b-it:fastest",
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Per cloud model: how often to try, and the exponential backoff between tries."""
+
+    attempts: int = 3
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    jitter: float = 0.5  # the delay is scaled by a random factor in [1 - jitter, 1]
+    max_retry_after_s: float = 30.0  # a longer Retry-After moves on to the next model instead
+
+
+@dataclass(frozen=True)
+class CooldownConfig:
+    """After ``failures`` failed calls in a row a model is skipped for ``seconds``."""
+
+    failures: int = 2
+    seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    base_url: str = DEFAULT_BASE_URL
+    models: tuple[str, ...] = ()  # empty: the bundle manifest's choice, else DEFAULT_MODELS
+    bill_to: str | None = None
+    token: str | None = field(default=None, repr=False)  # None: HF_TOKEN or the huggingface_hub login
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0  # longest silence between two bytes of an answer
+    total_timeout_s: float = 300.0
+    pricing_timeout_s: float = 3.0
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    cooldown: CooldownConfig = field(default_factory=CooldownConfig)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    never_cloud: bool = False
+    deadline_s: float | None = None  # total time the caller grants one answer
+    first_token_deadline_s: float | None = None
+    local_failures_before_skip: int = 3  # after this many local failures in a row, go straight to the cloud
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    path: Path
+    project: str = "default"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    profile: DeviceProfile
+    policy: PolicyConfig
+    cloud: CloudConfig
+    ledger: LedgerConfig
+    cache_dir: Path
+
+
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("SMOLEDGE_CACHE_DIR"):
+        return Path(env["SMOLEDGE_CACHE_DIR"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("smoledge"))
+
+
+def ledger_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "cloud_ledger.sqlite"
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={env[name]!r} is not a yes/no value", hint=f"set {name}=1 or {name}=0")
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    models = tuple(m.strip() for m in text.split(",") if m.strip())
+    for model in models:
+        if "/" not in model.split(":", 1)[0]:
+            raise ConfigError(f"cloud model {model!r} is not a Hub model id",
+                              hint="write it as org/name, optionally with :fastest, :cheapest or :provider")
+    return models
+
+
+def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("routing between device and cloud")
+    group.add_argument("--profile", default=None, metavar="P",
+                       help="device profile (default $SMOLEDGE_PROFILE or 'auto'); see `smoledge doctor --list`")
+    group.add_argument("--no-cloud", action="store_true", default=False,
+                       help="never send anything to the cloud (also SMOLEDGE_NO_CLOUD=1)")
+    group.add_argument("--deadline", type=float, default=None, metavar="S",
+                       help="seconds the answer may take; a slower local run goes to the cloud")
+    group.add_argument("--project", default=None, metavar="TAG",
+                       help="project tag for the cloud usage ledger (default $SMOLEDGE_PROJECT or 'default')")
+
+
+def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Flags first, then the environment, then the defaults."""
+    env = os.environ if env is None else env
+    cache_dir = default_cache_dir(env)
+    profile_name = getattr(args, "profile", None) or env.get("SMOLEDGE_PROFILE") or "auto"
+    deadline = getattr(args, "deadline", None)
+    if deadline is not None and deadline <= 0:
+        raise ConfigError(f"--deadline {deadline} is not a positive number of seconds", hint="e.g. --deadline 10")
+    policy = PolicyConfig(
+        never_cloud=bool(getattr(args, "no_cloud", False)) or env_flag(env, "SMOLEDGE_NO_CLOUD"),
+        deadline_s=deadline,
+    )
+    cloud = CloudConfig(
+        base_url=env.get("SMOLEDGE_CLOUD_BASE_URL") or DEFAULT_BASE_URL,
+        models=parse_models(env.get("SMOLEDGE_CLOUD_MODELS", "")),
+        bill_to=env.get("SMOLEDGE_BILL_TO") or None,
+    )
+    project = getattr(args, "project", None) or env.get("SMOLEDGE_PROJECT") or "default"
+    return RouterConfig(
+        profile=load_profile(profile_name, cache_dir=cache_dir),
+        policy=policy,
+        cloud=cloud,
+        ledger=LedgerConfig(path=ledger_path(cache_dir), project=project),
+        cache_dir=cache_dir,
+    )

@@ -1,0 +1,201 @@
+"""The routing policy: a pure function of (request shape, bundle manifest, device profile, local health).
+
+``decide`` returns a :class:`Decision` - the route (``local``, ``cloud`` or ``refuse``) and a
+human-readable reason such as ``"17 tiles > 5 allowed on raspberry-pi-5-4gb"``.  It does no I/O, reads
+no clock and keeps no state; the caller passes everything in.
+
+A request is *oversized* for a device when any of these holds (all that hold are named):
+
+* image tiles after splitting > the profile's ``max_image_tiles``
+* video frames > the profile's ``max_video_frames``
+* prompt + ``max_new_tokens`` > the model's context window or the profile's ``max_context``
+* estimated peak memory (weights + KV cache + vision activations + other activations) > the budget
+* predicted local latency (from the profile's speed figures) > the caller's deadline
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from smoledge.errors import BundleError, SmolEdgeError
+from smoledge.runtime.types import RequestShape
+
+from .config import PolicyConfig
+from .profiles import DeviceProfile
+
+Route = Literal["local", "cloud", "refuse"]
+
+
+@dataclass(frozen=True)
+class LocalHealth:
+    """How the local engine has been doing, as the caller tracks it (``after`` returns the next state)."""
+
+    available: bool = True
+    consecutive_failures: int = 0
+    last_error: str = ""
+
+    def after(self, error: BaseException | None) -> LocalHealth:
+        if error is None:
+            return LocalHealth(available=self.available)
+        return replace(self, consecutive_failures=self.consecutive_failures + 1, last_error=describe_error(error))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    peak_memory_bytes: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    vision_bytes: int
+    first_token_s: float
+    total_s: float
+    context_limit: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    route: Route
+    code: str  # fits | oversize | local-unhealthy | local-unsupported | local-failed
+    reason: str
+    fallback_allowed: bool
+    estimate: Estimate | None = None
+
+
+def describe_error(err: BaseException) -> str:
+    """One line naming an exception; smoledge errors are already one line that says what went wrong."""
+    if isinstance(err, SmolEdgeError):
+        return str(err)
+    text = " ".join(str(err).split())
+    name = type(err).__name__
+    return f"{name}: {text}"[:300] if text else name
+
+
+def decide(
+    shape: RequestShape,
+    manifest: Mapping[str, Any],
+    profile: DeviceProfile,
+    health: LocalHealth,
+    policy: PolicyConfig,
+) -> Decision:
+    est = estimate(shape, manifest, profile)
+    if not health.available or health.consecutive_failures >= policy.local_failures_before_skip > 0:
+        return unavailable_decision(_health_reason(health), policy, est)
+    problems = oversize_reasons(shape, manifest, profile, est, policy)
+    if problems:
+        return _away(problems, "oversize", policy, est)
+    reason = (
+        f"fits {profile.name}: {shape.image_tiles + shape.video_frames} tiles/frames, "
+        f"{_n(shape.prompt_tokens + shape.max_new_tokens)} of {_n(est.context_limit)} tokens, "
+        f"peak {_gb(est.peak_memory_bytes)} of {_gb(profile.memory_budget_bytes)}, ~{est.total_s:.1f} s predicted"
+    )
+    if policy.never_cloud:
+        reason += "; never-cloud is on, so there is no cloud fallback"
+    return Decision("local", "fits", reason, fallback_allowed=not policy.never_cloud, estimate=est)
+
+
+def unavailable_decision(why: str, policy: PolicyConfig, est: Estimate | None = None, *,
+                         code: str = "local-unhealthy") -> Decision:
+    """The local engine cannot take the request at all (no bundle, repeated failures, unsupported input)."""
+    return _away([why], code, policy, est)
+
+
+def fallback_decision(previous: Decision, error: BaseException, policy: PolicyConfig) -> Decision:
+    """The local run failed before its first token; where the request goes now."""
+    why = f"local inference failed before the first token: {describe_error(error)}"
+    return _away([why], "local-failed", policy, previous.estimate)
+
+
+def _away(problems: list[str], code: str, policy: PolicyConfig, est: Estimate | None) -> Decision:
+    reason = "; ".join(problems)
+    if policy.never_cloud:
+        return Decision("refuse", code, f"{reason}; never-cloud is on, so it cannot go to the cloud",
+                        fallback_allowed=False, estimate=est)
+    return Decision("cloud", code, reason, fallback_allowed=False, estimate=est)
+
+
+def _health_reason(health: LocalHealth) -> str:
+    if not health.available:
+        return f"local engine unavailable: {health.last_error or 'no bundle loaded'}"
+    return f"local inference failed {health.consecutive_failures} times in a row (last: {health.last_error})"
+
+
+def estimate(shape: RequestShape, manifest: Mapping[str, Any], profile: DeviceProfile) -> Estimate:
+    mem = _memory_figures(manifest)
+    tokens = shape.prompt_tokens + shape.max_new_tokens
+    encodes = shape.image_tiles + shape.video_frames
+    kv = mem["kv_bytes_per_token"] * tokens
+    vision = mem["vision_bytes_per_tile"] * encodes
+    peak = mem["weight_bytes"] + kv + vision + mem.get("activation_bytes", 0)
+    speed = profile.speed
+    first = encodes * speed.tile_encode_s + _per(shape.prompt_tokens, speed.prefill_tok_s)
+    total = first + _per(shape.max_new_tokens, speed.decode_tok_s)
+    return Estimate(
+        peak_memory_bytes=peak, weight_bytes=mem["weight_bytes"], kv_cache_bytes=kv, vision_bytes=vision,
+        first_token_s=first, total_s=total, context_limit=min(_context_length(manifest), profile.max_context),
+    )
+
+
+def oversize_reasons(
+    shape: RequestShape, manifest: Mapping[str, Any], profile: DeviceProfile, est: Estimate, policy: PolicyConfig
+) -> list[str]:
+    out = []
+    where = f"on {profile.name}"
+    if shape.image_tiles > profile.max_image_tiles:
+        out.append(f"{shape.image_tiles} tiles > {profile.max_image_tiles} allowed {where}")
+    if shape.video_frames > profile.max_video_frames:
+        out.append(f"{shape.video_frames} video frames > {profile.max_video_frames} allowed {where}")
+    tokens = shape.prompt_tokens + shape.max_new_tokens
+    if tokens > est.context_limit:
+        owner = "the model's context window" if est.context_limit == _context_length(manifest) else f"context {where}"
+        out.append(f"{_n(shape.prompt_tokens)} prompt + {_n(shape.max_new_tokens)} new tokens = {_n(tokens)} > "
+                   f"{_n(est.context_limit)} {owner}")
+    if est.peak_memory_bytes > profile.memory_budget_bytes:
+        out.append(f"estimated peak memory {_gb(est.peak_memory_bytes)} > {_gb(profile.memory_budget_bytes)} budget "
+                   f"{where} (weights {_gb(est.weight_bytes)} + KV cache {_gb(est.kv_cache_bytes)} + "
+                   f"vision {_gb(est.vision_bytes)})")
+    out.extend(_deadline_reasons(est, policy, where))
+    return out
+
+
+def _deadline_reasons(est: Estimate, policy: PolicyConfig, where: str) -> list[str]:
+    out = []
+    if policy.first_token_deadline_s is not None and est.first_token_s > policy.first_token_deadline_s:
+        out.append(f"predicted first token after {est.first_token_s:.1f} s {where} > "
+                   f"{policy.first_token_deadline_s:g} s first-token deadline")
+    if policy.deadline_s is not None and est.total_s > policy.deadline_s:
+        out.append(f"predicted {est.total_s:.1f} s locally {where} > {policy.deadline_s:g} s deadline")
+    return out
+
+
+def _memory_figures(manifest: Mapping[str, Any]) -> dict[str, int]:
+    try:
+        mem = manifest["memory"]
+        out = {k: int(mem[k]) for k in ("weight_bytes", "kv_bytes_per_token", "vision_bytes_per_tile")}
+        out["activation_bytes"] = int(mem.get("activation_bytes", 0))
+        return out
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"bundle manifest lacks the memory figures the router needs ({err})",
+                          hint="re-export the bundle with this smoledge version") from err
+
+
+def _context_length(manifest: Mapping[str, Any]) -> int:
+    try:
+        return int(manifest["context_length"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"bundle manifest lacks context_length ({err})",
+                          hint="re-export the bundle with this smoledge version") from err
+
+
+def _per(amount: int, rate: float) -> float:
+    if amount <= 0:
+        return 0.0
+    return amount / rate if rate > 0 else float("inf")
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _gb(value: int) -> str:
+    return f"{value / 1e9:.2f} GB"

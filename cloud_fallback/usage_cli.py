@@ -1,0 +1,50 @@
+"""``smoledge usage``: totals of the cloud usage ledger by project, model, provider or day, and CSV export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import default_cache_dir, ledger_path
+from .ledger import GROUPINGS, Ledger, Total
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--by", choices=sorted(GROUPINGS), default="project", help="group totals by (default project)")
+    parser.add_argument("--project", default=None, metavar="TAG", help="only this project")
+    parser.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="only calls on or after this day (UTC)")
+    parser.add_argument("--csv", default=None, metavar="FILE", help="export the raw rows as CSV ('-' for stdout)")
+    parser.add_argument("--ledger", type=Path, default=None, metavar="PATH",
+                        help="ledger file (default cloud_ledger.sqlite in $SMOLEDGE_CACHE_DIR or the user cache dir)")
+
+
+def main(args: argparse.Namespace) -> int:
+    ledger = Ledger(args.ledger or ledger_path(default_cache_dir()))
+    if args.csv is not None:
+        if args.csv == "-":
+            ledger.export_csv(sys.stdout, project=args.project, since=args.since)
+            return 0
+        with open(args.csv, "w", newline="", encoding="utf-8") as out:
+            count = ledger.export_csv(out, project=args.project, since=args.since)
+        print(f"wrote {count} cloud calls to {args.csv}")
+        return 0
+    totals = ledger.totals(args.by, project=args.project, since=args.since)
+    if not totals:
+        print(f"no cloud calls recorded in {ledger.path}")
+        return 0
+    print(render(totals, args.by))
+    return 0
+
+
+def render(totals: list[Total], by: str) -> str:
+    header = (by, "calls", "ok", "tokens in", "tokens out", "cost USD", "mean s")
+    rows = [(t.key, str(t.calls), str(t.ok), f"{t.tokens_in:,}", f"{t.tokens_out:,}", f"{t.cost_usd:.6f}",
+             f"{t.mean_latency_s:.2f}") for t in totals]
+    rows.append(("TOTAL", str(sum(t.calls for t in totals)), str(sum(t.ok for t in totals)),
+                 f"{sum(t.tokens_in for t in totals):,}", f"{sum(t.tokens_out for t in totals):,}",
+                 f"{sum(t.cost_usd for t in totals):.6f}", ""))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, *rows]]
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""Test doubles for the cloud fallback tests: a real HTTP router on 127.0.0.1 and a small local engine.
+
+``FakeRouter`` speaks the router's OpenAI-compatible API (``POST /v1/chat/completions`` with SSE
+streaming, ``GET /v1/models`` with pricing) over real sockets, and misbehaves on demand: queue a
+:class:`Reply` per coming chat request (``router.push(Reply("429", retry_after="1"))``).  Requests it
+received are kept in ``router.requests``.  ``CannedEngine`` is a real ``LocalEngine``: it streams a
+canned answer word by word, or raises / stalls where told.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from smoledge.cloud_fallback import (
+    CloudConfig,
+    CooldownConfig,
+    LedgerConfig,
+    PolicyConfig,
+    RetryConfig,
+    RouterConfig,
+    load_profile,
+)
+from smoledge.cloud_fallback.engine import LocalEngine
+from smoledge.runtime.types import ChatRequest, Message, RequestShape, SamplingConfig, StreamChunk
+
+TOKEN = "hf_SECRETtesttoken0123456789"
+CLOUD_TEXT = "A lighthouse on a rocky coast at dusk."
+LOCAL_TEXT = "a small red boat"
+PROMPT = "Describe the harbour photo in detail please"
+
+MANIFEST = {
+    "context_length": 8192,
+    "memory": {"weight_bytes": 300_000_000, "kv_bytes_per_token": 50_000, "vision_bytes_per_tile": 40_000_000},
+    "source": {"model_id": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"},
+    "image": {"tile_size": 512, "longest_edge": 2048, "do_image_splitting": True, "image_seq_len": 64},
+    "cloud": {"substitute_model": "acme/vlm-large:fastest", "alternatives": ["acme/vlm-small:fake-provider"]},
+}
+MODELS_LISTING = {
+    "object": "list",
+    "data": [
+        {"id": "acme/vlm-large", "providers": [
+            {"provider": "fake-provider", "status": "live", "pricing": {"input": 0.5, "output": 1.5}}]},
+        {"id": "acme/vlm-small", "providers": [
+            {"provider": "fake-provider", "status": "live", "pricing": {"input": 0.1, "output": 0.2}}]},
+    ],
+}
+
+
+@dataclass
+class Reply:
+    """How the fake router answers one chat request.
+
+    kind: ok | json | 400 | 401 | 402 | 429 | 500 | 503 | slow | drop | drop_early | malformed | malformed_body
+    """
+
+    kind: str = "ok"
+    text: str = CLOUD_TEXT
+    retry_after: str | None = None
+    delay_s: float = 0.0
+    provider: str = "fake-provider"
+    model: str | None = None  # only for requests to this model (None: any)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict
+    body: dict | None = None
+
+
+@dataclass
+class FakeRouter:
+    server: ThreadingHTTPServer
+    queue: list = field(default_factory=list)
+    requests: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def push(self, *replies: Reply) -> None:
+        with self.lock:
+            self.queue.extend(replies)
+
+    def next_reply(self, model: str) -> Reply:
+        with self.lock:
+            for i, reply in enumerate(self.queue):
+                if reply.model in (None, model):
+                    return self.queue.pop(i)
+        return Reply()
+
+    def chat_requests(self) -> list[Received]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    router: FakeRouter
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        self.router.requests.append(Received(self.path, dict(self.headers)))
+        if self.path == "/v1/models":
+            self._send_json(200, MODELS_LISTING)
+        else:
+            self._send_json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.router.requests.append(Received(self.path, dict(self.headers), body))
+        if self.path != "/v1/chat/completions":
+            return self._send_json(404, {"error": "not found"})
+        reply = self.router.next_reply(body.get("model", "").split(":")[0])
+        if reply.delay_s or reply.kind == "slow":
+            time.sleep(reply.delay_s or 1.0)
+        getattr(self, f"_reply_{reply.kind}", self._reply_status)(reply, body)
+
+    # --- replies -------------------------------------------------------------------------------
+    def _reply_status(self, reply: Reply, body: dict) -> None:
+        code = int(reply.kind)
+        messages = {400: f"Model {body.get('model')} is not supported by any provider you have enabled.",
+                    401: "Invalid credentials in Authorization header", 402: "You have exceeded your monthly credits",
+                    429: "Too many requests", 500: "Internal error", 503: "Service unavailable"}
+        headers = {"Retry-After": reply.retry_after} if reply.retry_after is not None else {}
+        self._send_json(code, {"error": {"message": messages.get(code, "error")}}, headers)
+
+    def _reply_ok(self, reply: Reply, body: dict) -> None:
+        self._start_stream(reply)
+        for event in _events(reply.text, body.get("model", "")):
+            self._chunk(f"data: {json.dumps(event)}\n\n")
+        self._chunk("data: [DONE]\n\n")
+        self._chunk("")
+
+    _reply_slow = _reply_ok
+
+    def _reply_json(self, reply: Reply, body: dict) -> None:
+        self._send_json(200, {"id": "x", "model": body.get("model"), "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 9, "total_tokens": 109}},
+            {"x-inference-provider": reply.provider})
+
+    def _reply_drop(self, reply: Reply, body: dict) -> None:
+        self._start_stream(reply)
+        for event in _events(reply.text, body.get("model", ""))[:3]:
+            self._chunk(f"data: {json.dumps(event)}\n\n")
+        self._kill_connection()
+
+    def _reply_drop_early(self, reply: Reply, body: dict) -> None:
+        self._start_stream(reply)
+        self._kill_connection()
+
+    def _reply_malformed(self, reply: Reply, body: dict) -> None:
+        self._start_stream(reply)
+        self._chunk('data: {"choices": [{"delta": {"content": "Hel\n\n')
+        self._chunk("data: [DONE]\n\n")
+        self._chunk("")
+
+    def _reply_malformed_body(self, reply: Reply, body: dict) -> None:
+        raw = b'{"choices": [ this is not json'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    # --- wire helpers --------------------------------------------------------------------------
+    def _start_stream(self, reply: Reply) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-inference-provider", reply.provider)
+        self.end_headers()
+
+    def _chunk(self, text: str) -> None:
+        data = text.encode()
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _kill_connection(self) -> None:
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send_json(self, code: int, payload: dict, headers: dict | None = None) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def _events(text: str, model: str) -> list[dict]:
+    words = text.split(" ")
+    events = [{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+               "choices": [{"index": 0, "delta": {"role": "assistant", "content": w if i == 0 else " " + w},
+                            "finish_reason": None}]} for i, w in enumerate(words)]
+    events.append({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events.append({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
+                   "usage": {"prompt_tokens": 1200, "completion_tokens": len(words),
+                             "total_tokens": 1200 + len(words)}})
+    return events
+
+
+@pytest.fixture
+def router():
+    handler = type("Handler", (_Handler,), {})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.block_on_close = False
+    fake = FakeRouter(server)
+    handler.router = fake
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+# --- a real LocalEngine ------------------------------------------------------------------------
+
+class CannedEngine:
+    """Streams ``text`` word by word; ``fail`` is raised before word ``fail_at``; ``delay_s`` before each word."""
+
+    def __init__(self, text: str = LOCAL_TEXT, *, tiles_per_image: int = 2, fail: BaseException | None = None,
+                 fail_at: int = 0, delay_s: float = 0.0, first_delay_s: float = 0.0, manifest: dict | None = None,
+                 measure_error: BaseException | None = None, frames: int = 0):
+        self.text, self.tiles_per_image, self.frames = text, tiles_per_image, frames
+        self.fail, self.fail_at, self.delay_s, self.first_delay_s = fail, fail_at, delay_s, first_delay_s
+        self.measure_error = measure_error
+        self._manifest = manifest or MANIFEST
+        self.streams = 0
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    def measure(self, request: ChatRequest) -> RequestShape:
+        if self.measure_error is not None:
+            raise self.measure_error
+        images = len(request.images())
+        tiles = images * self.tiles_per_image
+        words = sum(len(p.text.split()) for m in request.messages for p in m.content if hasattr(p, "text"))
+        return RequestShape(prompt_tokens=words + 64 * tiles, max_new_tokens=request.sampling.max_new_tokens,
+                            image_tiles=tiles, images=images, video_frames=self.frames)
+
+    def stream(self, request: ChatRequest):
+        self.streams += 1
+        words = self.text.split(" ")
+        for i, word in enumerate(words):
+            if self.fail is not None and i == self.fail_at:
+                raise self.fail
+            time.sleep(self.first_delay_s if i == 0 else self.delay_s)
+            yield StreamChunk(text=word if i == 0 else " " + word, token_id=i,
+                              finish_reason="stop" if i == len(words) - 1 else None)
+
+
+def make_config(tmp_path: Path, router: FakeRouter | None = None, *, profile: str = "raspberry-pi-5-4gb",
+                policy: PolicyConfig | None = None, models: tuple[str, ...] = (), token: str | None = TOKEN,
+                attempts: int = 3, project: str = "test", read_timeout_s: float = 0.5,
+                base_url: str | None = None) -> RouterConfig:
+    cloud = CloudConfig(
+        base_url=base_url or (router.url if router else "http://127.0.0.1:9/v1"),
+        models=models, token=token, bill_to="acme-org",
+        connect_timeout_s=0.5, read_timeout_s=read_timeout_s, total_timeout_s=5.0, pricing_timeout_s=1.0,
+        retry=RetryConfig(attempts=attempts, base_delay_s=0.001, max_delay_s=0.005, max_retry_after_s=2.0),
+        cooldown=CooldownConfig(failures=1, seconds=30.0),
+    )
+    return RouterConfig(profile=load_profile(profile), policy=policy or PolicyConfig(), cloud=cloud,
+                        ledger=LedgerConfig(path=tmp_path / "ledger.sqlite", project=project), cache_dir=tmp_path)
+
+
+def request_with_images(n_images: int = 1, text: str = PROMPT, max_new_tokens: int = 32) -> ChatRequest:
+    jpeg = b"\xff\xd8\xff\xe0" + b"\x00" * 64  # a JPEG header is enough for the data URL
+    return ChatRequest((Message.user(text, [jpeg] * n_images),), SamplingConfig(max_new_tokens=max_new_tokens))
+
+
+def test_fake_engine_is_a_local_engine():
+    assert isinstance(CannedEngine(), LocalEngine)
