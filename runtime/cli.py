@@ -25,7 +25,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="comma-separated onnxruntime execution providers (CUDA, CoreML, NNAPI, XNNPACK, ...)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
-    parser.add_argument("--stats", action="store_true", help="print timing figures to stderr")
+    parser.add_argument("--stats", action="store_true", help="print the route and timing figures to stderr")
+    from smoledge.cloud_fallback import add_routing_arguments
+
+    add_routing_arguments(parser)
 
 
 def build_request(args: argparse.Namespace, manifest: dict):
@@ -47,22 +50,30 @@ def build_request(args: argparse.Namespace, manifest: dict):
 
 
 def main(args: argparse.Namespace) -> int:
+    from smoledge.cloud_fallback import answer, format_decision, router_config_from_args
     from smoledge.runtime.pipeline import Pipeline
 
+    config = router_config_from_args(args)
     options = {"providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()),
                "threads": args.threads} if args.backend == "onnx" else {}
     pipe = Pipeline.load(args.bundle, args.backend, **options)
     request = build_request(args, pipe.manifest)
+
+    def show(decision) -> None:
+        if args.stats or decision.route == "cloud":  # a refusal is raised as the error itself
+            print(format_decision(decision), file=sys.stderr, flush=True)
+
+    result = answer(request, pipe, config=config, on_decision=show)
     pieces = []
-    for chunk in pipe.stream(request):
+    for chunk in result:
         pieces.append(chunk.text)
         if args.stream and chunk.text:
             print(chunk.text, end="", flush=True)
     print("" if args.stream else "".join(pieces).strip())
-    if args.stats:
+    if args.stats and result.decision.route == "local":
         s = pipe.last_stats
         rate = (s.completion_tokens - 1) / max(s.total_s - s.time_to_first_token_s, 1e-9)
-        print(f"[local {args.backend}: {s.prompt_tokens} prompt tokens, {s.image_tiles} tiles, "
+        print(f"[{args.backend}: {s.prompt_tokens} prompt tokens, {s.image_tiles} tiles, "
               f"{s.completion_tokens} new tokens; first token {s.time_to_first_token_s:.2f} s, "
               f"{rate:.1f} tok/s]", file=sys.stderr)
     return 0

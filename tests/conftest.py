@@ -12,6 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests never reach the internet: no Hub, and no cloud unless a test points the client at its own
+# router on 127.0.0.1 (tests/test_cloud_fakes.py).  Subprocesses inherit both.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["SMOLEDGE_NO_CLOUD"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
