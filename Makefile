@@ -1,0 +1,40 @@
+# smoledge: two commands do all the set-up on a fresh machine.
+#   make demo   build the real-text demo model, export an INT4 bundle, answer a question about an image
+#   make test   run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= dev
+BUNDLE ?= bundles/smolvlm-realtext-int4
+IMAGE  ?= examples/house.png
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: setup demo test test-fast bench bench-full clean
+
+setup: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/smoledge export "$$($(BIN)/smoledge demo-model)" --quant int4 --out $(BUNDLE)
+	$(BIN)/smoledge bundle info $(BUNDLE)
+	$(BIN)/smoledge run $(BUNDLE) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 48 --stream --stats
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/smoledge bench --size realtext
+
+bench-full: setup
+	$(BIN)/smoledge bench --size full
+
+clean:
+	rm -rf bundles build *.egg-info .pytest_cache
