@@ -11,6 +11,9 @@ from smoledge.quantize.recipe import builtin_recipes
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="hub id (e.g. HuggingFaceTB/SmolVLM2-2.2B-Instruct) or a local checkpoint folder")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit); ignored for a local folder")
+    parser.add_argument("--adapter", metavar="PATH_OR_HUB_ID",
+                        help="PEFT LoRA adapter to merge into the weights before export (recorded in the manifest)")
+    parser.add_argument("--adapter-revision", help="hub revision of --adapter; ignored for a local folder")
     parser.add_argument("--format", dest="formats", action="append", choices=["onnx", "executorch", "coreml"],
                         help="artifact format to add to the bundle (repeatable; default onnx)")
     parser.add_argument("--quant", default="int4",
@@ -23,6 +26,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _quiet_libraries(logging, warnings) -> None:
+    """The tracers and quantizers log at INFO/WARNING by default; the progress bar says enough."""
+    warnings.filterwarnings("ignore")
+    import os
+
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    for name in ("torch", "torch.utils._pytree", "torch.onnx", "torch.onnx._internal.exporter._registration",
+                 "torch._dynamo", "onnxscript", "onnx_ir",
+                 "onnxruntime", "onnxruntime.quantization", "transformers", "torchao", "coremltools", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
     import warnings
@@ -31,8 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.quantize.recipe import load_recipe, with_vision_precision
 
     if not args.debug:
-        warnings.filterwarnings("ignore")
-        logging.getLogger("torch").setLevel(logging.ERROR)
+        _quiet_libraries(logging, warnings)
     formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
     recipe = with_vision_precision(load_recipe(args.quant), args.vision_precision)
     options = {}
@@ -41,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         options["onnx"] = onnx_target.OnnxTargetOptions(ort_fusions=None if args.ort_fusions == "none"
                                                         else args.ort_fusions)
     job = ExportJob(model=args.model, out=args.out, recipe=recipe, formats=formats, revision=args.revision,
-                    target_options=options)
+                    target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision)
     path = export_bundle(job, show_progress=not args.no_progress)
     print(path)
     return 0

@@ -7,6 +7,8 @@ from :mod:`smoledge.export.graphs`, sample inputs with the dynamic axes, and the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,12 @@ def _export(module, sample: dict, dynamic_shapes: dict, config: OnnxExportConfig
 
     # Fusions run later (fuse_for_onnxruntime), once quantization has matched weights by module name.
     onnx_config = OnnxConfig(dynamic_shapes=dynamic_shapes, opset_version=config.opset)
-    program, _metadata = OnnxExporter().export_program(module, sample, onnx_config)
+    # torch.onnx.export prints its progress to stdout and OnnxExporter offers no switch for it: keep it
+    # for --debug logging instead of the user's terminal.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        program, _metadata = OnnxExporter().export_program(module, sample, onnx_config)
+    log.debug("torch.onnx.export output:\n%s", captured.getvalue())
     return program
 
 
