@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fidelity": ("smoledge.quantize.fidelity", "compare a quantized bundle against fp32"),
     "doctor": ("smoledge.cloud_fallback.doctor", "show what this device can run; calibrate its speed"),
     "usage": ("smoledge.cloud_fallback.usage_cli", "print the cloud usage ledger"),
+    "serve": ("smoledge.runtime.server", "serve a bundle over an OpenAI-compatible HTTP API"),
+    "bench": ("smoledge.benchmarks.cli", "measure bundles side by side with transformers and llama.cpp"),
 }
 
 
