@@ -29,7 +29,7 @@ from smoledge.errors import (
     InputError,
     PromptTooLongError,
     SmolEdgeError,
-    VideoError,
+    VideoDecoderMissingError,
 )
 from smoledge.runtime.types import ChatRequest, StreamChunk
 
@@ -124,7 +124,7 @@ class Answer(Iterator[StreamChunk]):
             return unavailable_decision("no local bundle loaded", policy)
         try:
             shape = self.engine.measure(self.request)
-        except (PromptTooLongError, VideoError) as err:  # the cloud's models may take what this runtime cannot
+        except (PromptTooLongError, VideoDecoderMissingError) as err:  # the cloud may take what this runtime cannot
             return unavailable_decision(f"the local runtime cannot take this request: {describe_error(err)}",
                                         policy, code="local-unsupported")
         except InputError:  # a bad image or an empty request: the cloud could not answer it either

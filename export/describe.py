@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
+from pathlib import Path
 
 from smoledge import __version__
 from smoledge.export.loader import Checkpoint
 from smoledge.runtime.bundle import SCHEMA_VERSION
 from smoledge.runtime.preprocess import ImageProcessorConfig
 from smoledge.runtime.prompt import ImageTokens
+from smoledge.runtime.video import VideoConfig
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -18,27 +21,62 @@ def image_seq_len(config) -> int:
     return ((vc.image_size // vc.patch_size) // config.scale_factor) ** 2
 
 
-def describe_model(checkpoint: Checkpoint, model, processor) -> dict:
-    """Every manifest section that does not depend on the artifact format."""
+def describe_model(checkpoint: Checkpoint, model, processor, adapter: dict | None = None) -> dict:
+    """Every manifest section that does not depend on the artifact format (``adapter``: the merged PEFT
+    adapter's record, see :mod:`smoledge.export.adapter`)."""
     config = model.config
     tokenizer = processor.tokenizer
     seq_len = image_seq_len(config)
+    image = ImageProcessorConfig.from_hf_preprocessor_config(processor.image_processor.to_dict(), seq_len).to_dict()
     return {
         "schema_version": SCHEMA_VERSION,
         "smoledge_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"model_id": checkpoint.model_id, "revision": checkpoint.revision,
-                   "files": checkpoint.file_hashes, "adapter": None},
+                   "files": checkpoint.file_hashes, "adapter": adapter},
         "model": _model_section(config),
         "context_length": int(config.text_config.max_position_embeddings),
-        "image": ImageProcessorConfig.from_hf_preprocessor_config(
-            processor.image_processor.to_dict(), seq_len).to_dict(),
+        "image": image,
+        "video": _video_section(checkpoint.path, image["tile_size"]),
         "tokens": _tokens_section(tokenizer, config),
         "chat_template": _chat_template(processor),
         "generation": _generation_section(model, tokenizer),
         "memory": _memory_section(config),
         "tokenizer": {"file": "tokenizer.json"},
     }
+
+
+def _video_section(folder: Path, tile_size: int) -> dict:
+    """SmolVLM2 video settings from the video processor config transformers would load, else SmolVLM2's
+    defaults.  Video requests use transformers' SmolVLM video chat template, as ``SmolVLMProcessor`` does."""
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    return VideoConfig.from_hf(hf_video_processor_config(folder), tile_size=tile_size,
+                               chat_template=DEFAULT_CHAT_TEMPLATE).to_dict()
+
+
+def hf_video_processor_config(folder: Path) -> dict | None:
+    """transformers' order: processor_config.json's "video_processor", video_preprocessor_config.json, then a
+    preprocessor_config.json that carries SmolVLM2's "video_sampling"; None when there is none."""
+    nested = _read_json(folder / "processor_config.json").get("video_processor")
+    if isinstance(nested, dict):
+        return nested
+    if (folder / "video_preprocessor_config.json").is_file():
+        return _read_json(folder / "video_preprocessor_config.json")
+    legacy = _read_json(folder / "preprocessor_config.json")
+    return legacy if "video_sampling" in legacy else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as err:
+        from smoledge.errors import ExportError
+
+        raise ExportError(f"cannot read {path.name}: {err}", hint="fix or remove the file") from None
+    return data if isinstance(data, dict) else {}
 
 
 def _model_section(config) -> dict:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("smolvlm", "idefics3")
 _SOURCE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                 "video_preprocessor_config.json",
                  "tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja")
 
 

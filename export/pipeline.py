@@ -30,6 +30,8 @@ class ExportJob:
     formats: tuple[str, ...] = ("onnx",)
     revision: str | None = None
     target_options: dict = field(default_factory=dict)  # format -> that target's options object
+    adapter: str | None = None  # PEFT LoRA adapter (folder or hub id) merged into the weights first
+    adapter_revision: str | None = None
 
 
 def target_module(fmt: str):
@@ -51,12 +53,19 @@ def export_bundle(job: ExportJob, *, show_progress: bool = True) -> Path:
 
     modules = {fmt: target_module(fmt) for fmt in job.formats}
     checkpoint = resolve(job.model, job.revision)
+    adapter = None
+    if job.adapter:
+        from smoledge.export.adapter import merge_adapter, resolve_adapter, with_adapter
+
+        adapter = resolve_adapter(job.adapter, job.adapter_revision)
     steps = 2 + 3 * len(modules)
     with tqdm(total=steps, desc="export", disable=not show_progress, unit="step") as bar:
         bar.set_postfix_str("loading model")
         model, processor = load_model(checkpoint), load_processor(checkpoint)
+        if adapter is not None:
+            model, checkpoint = merge_adapter(model, adapter), with_adapter(checkpoint, adapter)
         bar.update(1)
-        base = describe_model(checkpoint, model, processor)
+        base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None)
         with BundleStaging(job.out, checkpoint.file_hashes) as staging:
             artifacts = dict((staging.previous or {}).get("artifacts", {}))
             processor.tokenizer.backend_tokenizer.save(str(staging.path(base["tokenizer"]["file"])))

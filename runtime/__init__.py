@@ -6,6 +6,6 @@
 """
 
 from smoledge.runtime.pipeline import Pipeline, load
-from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, StreamChunk, TextPart
+from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, StreamChunk, TextPart, VideoPart
 
-__all__ = ["ChatRequest", "ImagePart", "Message", "Pipeline", "SamplingConfig", "StreamChunk", "TextPart", "load"]
+__all__ = ["ChatRequest", "ImagePart", "Message", "Pipeline", "SamplingConfig", "StreamChunk", "TextPart", "VideoPart", "load"]

@@ -1,8 +1,9 @@
-"""``smoledge run BUNDLE --image IMG --prompt TEXT [--stream]``."""
+"""``smoledge run BUNDLE [--image IMG]... [--video CLIP]... --prompt TEXT [--stream]``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from smoledge.runtime.backends import BACKENDS
@@ -12,6 +13,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle folder or .zip written by 'smoledge export'")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable, in prompt order)")
+    parser.add_argument("--video", action="append", default=[],
+                        help="video file (repeatable; after the images, before the prompt); needs smoledge[video]")
+    parser.add_argument("--max-frames", default=os.environ.get("SMOLEDGE_MAX_FRAMES"), metavar="N|auto",
+                        help="sample at most N frames per video; 'auto' = the device profile's limit, so a long "
+                        "video is downsampled instead of going to the cloud (default $SMOLEDGE_MAX_FRAMES, "
+                        "else the bundle's setting)")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: bundle's)")
@@ -33,7 +40,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def build_request(args: argparse.Namespace, manifest: dict):
     from smoledge.errors import ConfigError
-    from smoledge.runtime.types import ChatRequest, Message, SamplingConfig, TextPart
+    from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, TextPart, VideoPart
 
     max_new = args.max_new_tokens if args.max_new_tokens is not None else manifest["generation"]["max_new_tokens"]
     if max_new < 1:
@@ -42,7 +49,8 @@ def build_request(args: argparse.Namespace, manifest: dict):
         raise ConfigError("sampling settings out of range",
                           hint="temperature >= 0, 0 < top-p <= 1, top-k >= 0, repetition-penalty > 0")
     messages = [Message("system", (TextPart(args.system),))] if args.system else []
-    messages.append(Message.user(args.prompt, args.image))
+    media = tuple(ImagePart(i) for i in args.image) + tuple(VideoPart(v) for v in args.video)
+    messages.append(Message("user", media + (TextPart(args.prompt),)))
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                               stop=tuple(args.stop))
@@ -52,11 +60,13 @@ def build_request(args: argparse.Namespace, manifest: dict):
 def main(args: argparse.Namespace) -> int:
     from smoledge.cloud_fallback import answer, format_decision, router_config_from_args
     from smoledge.runtime.pipeline import Pipeline
+    from smoledge.runtime.video import resolve_max_frames
 
     config = router_config_from_args(args)
     options = {"providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()),
                "threads": args.threads} if args.backend == "onnx" else {}
     pipe = Pipeline.load(args.bundle, args.backend, **options)
+    pipe.set_video_max_frames(resolve_max_frames(args.max_frames, config.profile.max_video_frames))
     request = build_request(args, pipe.manifest)
 
     def show(decision) -> None:

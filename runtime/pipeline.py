@@ -4,13 +4,13 @@ fallback drive.
 ``Pipeline.load(path)`` opens and verifies the bundle, loads the tokenizer and a backend; then
 ``measure`` says what a request costs without running the model, ``stream`` answers it chunk by chunk
 and ``generate`` returns the text.  Only numpy, pillow, tokenizers, jinja2 and the backend's runtime
-are imported.
+are imported (and PyAV once a request holds a video).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,9 @@ from smoledge.runtime.backends import load_backend
 from smoledge.runtime.bundle import Bundle, open_bundle
 from smoledge.runtime.generate import Sampler, generate_step, generate_text, stream_generate
 from smoledge.runtime.preprocess import ImageProcessorConfig, ProcessedImages, preprocess, tile_grid
-from smoledge.runtime.prompt import ImageTokens, add_special_tokens_for, build_prompt
-from smoledge.runtime.types import ChatRequest, GenerationStats, RequestShape, StreamChunk
+from smoledge.runtime.prompt import ImageTokens, add_special_tokens_for, build_prompt, image_prompt_string
+from smoledge.runtime.types import ChatRequest, GenerationStats, ImagePart, RequestShape, StreamChunk, VideoPart
+from smoledge.runtime.video import ProcessedVideo, VideoConfig, VideoPlan, load_video, plan_video, video_prompt_string
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Pipeline:
         self.image_token_id = int(m["tokens"]["image_token_id"])
         self.eos_ids = tuple(m["generation"]["eos_token_ids"])
         self.context_length = int(m["context_length"])
+        self.video_config = VideoConfig.from_dict(m["video"]) if m.get("video") else None
         self.last_stats = GenerationStats()
 
     @classmethod
@@ -58,31 +60,45 @@ class Pipeline:
     def manifest(self) -> dict:
         return self.bundle.manifest
 
+    def set_video_max_frames(self, max_frames: int | None) -> None:
+        """Sample at most ``max_frames`` frames per video from now on (None keeps the bundle's setting)."""
+        if max_frames is not None and self.video_config is not None:
+            self.video_config = self.video_config.with_max_frames(max_frames)
+
     # ------------------------------------------------------------------ prompt
-    def _prompt_ids(self, request: ChatRequest, grids) -> np.ndarray:
+    def _prompt_ids(self, request: ChatRequest, grids, videos: Sequence[VideoPlan] = ()) -> np.ndarray:
         m = self.manifest
-        prompt = build_prompt(request.messages, grids, m["chat_template"], self.image_tokens,
+        template, video_prompts, video = m["chat_template"], [], self.video_config
+        if videos:  # SmolVLM2: a request with a video is rendered with the video chat template
+            template = video.chat_template or template
+            frame = image_prompt_string(0, 0, self.image_tokens, self.image_config.image_seq_len)
+            video_prompts = [video_prompt_string(plan, video, frame) for plan in videos]
+        prompt = build_prompt(request.messages, grids, template, self.image_tokens,
                               self.image_config.image_seq_len, bos_token=m["tokens"].get("bos_token"),
-                              eos_token=m["tokens"].get("eos_token"))
+                              eos_token=m["tokens"].get("eos_token"), video_prompts=video_prompts,
+                              video_token=video.video_token if video else "<video>")
         special = add_special_tokens_for(prompt, m["tokens"].get("bos_token"))
         ids = self.tokenizer.encode(prompt, add_special_tokens=special).ids
         return np.asarray([ids], dtype=np.int64)
 
     def _check_request(self, request: ChatRequest) -> None:
-        if request.videos():
-            raise VideoError("video input is not supported by this runtime yet", hint="send frames as images")
+        if request.videos() and self.video_config is None:
+            raise VideoError("this bundle has no video settings (it was exported before video support)",
+                             hint="re-export the bundle with this smoledge version")
         if not any(m.content for m in request.messages):
             raise InputError("the request has no content", hint="give a prompt")
 
     def measure(self, request: ChatRequest) -> RequestShape:
-        """What the request costs, from image sizes and the tokenised prompt; no pixels decoded."""
+        """What the request costs, from image sizes, video headers and the tokenised prompt; no pixels decoded."""
         from smoledge.runtime.preprocess import peek_image_size, tiles_in_grid
 
         self._check_request(request)
         grids = [tile_grid(*peek_image_size(img), self.image_config) for img in request.images()]
-        ids = self._prompt_ids(request, grids)
+        plans = [plan_video(video, self.video_config) for video in request.videos()]
+        ids = self._prompt_ids(request, grids, plans)
         return RequestShape(prompt_tokens=ids.shape[1], max_new_tokens=request.sampling.max_new_tokens,
-                            image_tiles=sum(tiles_in_grid(r, c) for r, c in grids), images=len(grids))
+                            image_tiles=sum(tiles_in_grid(r, c) for r, c in grids), images=len(grids),
+                            video_frames=sum(plan.frames for plan in plans))
 
     def prepare(self, request: ChatRequest) -> Prepared:
         self._check_request(request)
@@ -91,14 +107,16 @@ class Pipeline:
         if sources:
             # paths/bytes go through load_image inside preprocess; PIL images are taken as given (as HF does)
             images = preprocess(list(sources), self.image_config)
-        ids = self._prompt_ids(request, images.grids if images else [])
+        videos = [load_video(video, self.video_config) for video in request.videos()]
+        ids = self._prompt_ids(request, images.grids if images else [], [v.plan for v in videos])
         total = ids.shape[1] + request.sampling.max_new_tokens
         if total > self.context_length:
             raise PromptTooLongError(
                 f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) = {total} "
                 f"exceeds the model's context window of {self.context_length}",
-                hint="shorten the prompt, use fewer/smaller images or lower --max-new-tokens")
-        return Prepared(ids, images)
+                hint="shorten the prompt, use fewer/smaller images, fewer video frames (--max-frames) "
+                "or lower --max-new-tokens")
+        return Prepared(ids, vision_input(request, images, videos))
 
     # ------------------------------------------------------------------ generation
     def prompt_embeds(self, prepared: Prepared) -> np.ndarray:
@@ -136,6 +154,32 @@ class Pipeline:
 
     def generate(self, request: ChatRequest) -> str:
         return generate_text(self.stream(request))
+
+
+def vision_input(request: ChatRequest, images: ProcessedImages | None,
+                 videos: list[ProcessedVideo]) -> ProcessedImages | None:
+    """Image tiles and video frames in the order their placeholders take in the prompt (message part
+    order); a frame is an unsplit image, grid (0, 0)."""
+    if not videos:
+        return images
+    tiles, grids, image_i, video_i, tile_i = [], [], 0, 0, 0
+    for part in (p for m in request.messages for p in m.content):
+        if isinstance(part, ImagePart):
+            n = images.tiles_per_image[image_i]
+            tiles.append((images.pixel_values[tile_i:tile_i + n], images.pixel_attention_mask[tile_i:tile_i + n]))
+            grids.append(images.grids[image_i])
+            image_i, tile_i = image_i + 1, tile_i + n
+        elif isinstance(part, VideoPart):
+            frames = videos[video_i].pixel_values
+            tiles.append((frames, np.ones((len(frames), *frames.shape[2:]), dtype=bool)))
+            grids.extend([(0, 0)] * len(frames))
+            video_i += 1
+    height = max(px.shape[2] for px, _ in tiles)
+    width = max(px.shape[3] for px, _ in tiles)
+    pad = [((0, 0), (0, 0), (0, height - px.shape[2]), (0, width - px.shape[3])) for px, _ in tiles]
+    pixel_values = np.concatenate([np.pad(px, p) for (px, _), p in zip(tiles, pad)])
+    mask = np.concatenate([np.pad(m, p[1:]) for (_, m), p in zip(tiles, pad)])
+    return ProcessedImages(pixel_values, mask, tuple(grids))
 
 
 def load(path: str | Path, backend: str = "onnx", **options) -> Pipeline:

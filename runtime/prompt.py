@@ -13,7 +13,8 @@ Two steps, as in transformers:
                              \\n<fake_token_around_image><global-img><image>*N<fake_token_around_image>
        not split (0 x 0):    <fake_token_around_image><global-img><image>*N<fake_token_around_image>
 
-:func:`build_prompt` does both.
+:func:`build_prompt` does both, and for a video request (SmolVLM2) also replaces the i-th ``<video>`` placeholder
+with video i's frames (:func:`expand_video_tokens`; the text itself comes from :mod:`smoledge.runtime.video`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from smoledge.errors import ConfigError, InputError, VideoError
+from smoledge.errors import ConfigError, InputError
 
 from smoledge.runtime.types import ImagePart, Message, TextPart, VideoPart
 
@@ -97,6 +98,22 @@ def expand_image_tokens(text: str, grids: Sequence[tuple[int, int]], tokens: Ima
     return "".join(out)
 
 
+def expand_video_tokens(text: str, video_prompts: Sequence[str], video_token: str = "<video>") -> str:
+    """Replace the i-th ``video_token`` in ``text`` with ``video_prompts[i]`` (video i's frames and timestamps,
+    from :func:`smoledge.runtime.video.video_prompt_string`).  Run it after :func:`expand_image_tokens`."""
+    pieces = text.split(video_token)
+    if len(pieces) - 1 != len(video_prompts):
+        raise InputError(
+            f"the prompt has {len(pieces) - 1} {video_token} placeholders but {len(video_prompts)} videos were given",
+            hint=f"give one video per {video_token} placeholder (literal {video_token} in message text counts too; "
+            "the chat template must write one per video part)",
+        )
+    out = [pieces[0]]
+    for prompt, piece in zip(video_prompts, pieces[1:]):
+        out.extend((prompt, piece))
+    return "".join(out)
+
+
 # --------------------------------------------------------------------------------------------- chat template
 
 
@@ -111,11 +128,10 @@ def messages_to_hf(messages: Sequence[Message]) -> list[dict[str, Any]]:
             elif isinstance(part, ImagePart):
                 content.append({"type": "image"})
             elif isinstance(part, VideoPart):
-                raise VideoError("video input is not supported by the local runtime yet",
-                                 hint="pass sampled frames as images, or use the cloud fallback")
+                content.append({"type": "video"})
             else:
                 raise InputError(f"unsupported message part {type(part).__name__}",
-                                 hint="use TextPart or ImagePart")
+                                 hint="use TextPart, ImagePart or VideoPart")
         out.append({"role": message.role, "content": content})
     return out
 
@@ -241,12 +257,20 @@ def build_prompt(
     bos_token: str | None = None,
     eos_token: str | None = None,
     extra_vars: Mapping[str, Any] | None = None,
+    video_prompts: Sequence[str] = (),
+    video_token: str = "<video>",
 ) -> str:
-    """Rendered chat with every image placeholder expanded; ``image_grids`` in the messages' image order."""
+    """Rendered chat with every image and video placeholder expanded; ``image_grids`` in the messages' image
+    order, ``video_prompts`` (each video's expansion) in their video order."""
     n_images = sum(isinstance(p, ImagePart) for m in messages for p in m.content)
     if n_images != len(image_grids):
         raise InputError(f"the messages hold {n_images} images but {len(image_grids)} tile grids were given",
                          hint="preprocess every image of the request, in order")
+    n_videos = sum(isinstance(p, VideoPart) for m in messages for p in m.content)
+    if n_videos != len(video_prompts):
+        raise InputError(f"the messages hold {n_videos} videos but {len(video_prompts)} video prompts were given",
+                         hint="sample every video of the request, in order")
     text = render_chat(messages, chat_template, add_generation_prompt=add_generation_prompt,
                        bos_token=bos_token, eos_token=eos_token, extra_vars=extra_vars)
-    return expand_image_tokens(text, image_grids, tokens, image_seq_len)
+    text = expand_image_tokens(text, image_grids, tokens, image_seq_len)
+    return expand_video_tokens(text, video_prompts, video_token) if n_videos else text

@@ -12,6 +12,7 @@ with ``--debug``).  The tree::
     ├── InputError             a request the runtime cannot take
     │   ├── ImageError         missing, unreadable or unsupported image
     │   ├── VideoError         missing, unreadable or unsupported video
+    │   │   └── VideoDecoderMissingError  no video decoder installed here (the cloud may still take it)
     │   └── PromptTooLongError prompt + max_new_tokens over the context window
     ├── BackendError           local inference failed (runtime error, out of memory, missing kernels)
     │   ├── BackendUnavailableError  the backend cannot run on this platform / install
@@ -71,6 +72,10 @@ class ImageError(InputError):
 
 
 class VideoError(InputError):
+    pass
+
+
+class VideoDecoderMissingError(VideoError):
     pass
 
 

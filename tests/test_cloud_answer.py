@@ -27,6 +27,7 @@ from smoledge.errors import (
     FallbackFailedError,
     ImageError,
     PromptTooLongError,
+    VideoDecoderMissingError,
     VideoError,
 )
 
@@ -154,11 +155,14 @@ def test_measure_errors(tmp_path, router):  # noqa: F811
 
 
 def test_input_the_local_runtime_cannot_take_goes_to_the_cloud(tmp_path, router):  # noqa: F811
-    engine = CannedEngine(measure_error=VideoError("video input is not supported by this runtime yet"))
+    engine = CannedEngine(measure_error=VideoDecoderMissingError("video input needs PyAV, which is not installed"))
     reply = answer_text(request_with_images(1), engine, config=make_config(tmp_path, router))
     assert reply.text == CLOUD_TEXT and reply.decision.code == "local-unsupported"
     assert reply.decision.reason == ("the local runtime cannot take this request: "
-                                     "video input is not supported by this runtime yet")
+                                     "video input needs PyAV, which is not installed")
+    with pytest.raises(VideoError, match="corrupt"):  # a broken file is the caller's to fix, not the cloud's
+        answer(request_with_images(1), CannedEngine(measure_error=VideoError("clip.mp4 is corrupt")),
+               config=make_config(tmp_path, router))
     cfg = make_config(tmp_path, router, policy=PolicyConfig(never_cloud=True))
     with pytest.raises(CloudDisabledError, match="prompt too long; never-cloud is on"):
         answer(request_with_images(1), CannedEngine(measure_error=PromptTooLongError("prompt too long")), config=cfg)

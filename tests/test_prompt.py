@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smoledge.errors import ConfigError, InputError, VideoError
+from smoledge.errors import ConfigError, InputError
 from smoledge.runtime.preprocess import ImageProcessorConfig, preprocess
 from smoledge.runtime.prompt import (
     ImageTokens,
@@ -262,9 +262,11 @@ def test_messages_to_hf_form():
     assert messages_to_hf([m]) == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
 
 
-def test_video_is_not_supported_yet():
-    with pytest.raises(VideoError, match="not supported"):
-        render_chat([Message("user", (VideoPart("clip.mp4"), TextPart("?")))], SMOLVLM_TEMPLATE)
+def test_video_parts_render_as_video_placeholders():  # expanded by runtime/video.py (tests/test_video*.py)
+    message = Message("user", (VideoPart("clip.mp4"), TextPart("?")))
+    assert messages_to_hf([message])[0]["content"][0] == {"type": "video"}
+    expected = "<|im_start|>User: <video>?<end_of_utterance>\nAssistant:"
+    assert render_chat([message], SMOLVLM_DEFAULT_TEMPLATE) == expected
 
 
 def test_template_environment_like_transformers():
