@@ -15,8 +15,6 @@ Every resize goes through Pillow on uint8 pixels, as transformers does, so the r
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 from collections.abc import Mapping
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from smoledge.runtime.data_url import decode_data_url
 from smoledge.errors import ConfigError, ImageError
 
 ImageSource = str | Path | bytes | Image.Image
@@ -214,14 +213,7 @@ def _open_bytes(data: bytes, what: str) -> tuple[Image.Image, str]:
 
 
 def _decode_data_url(url: str) -> bytes:
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:image/") or ";base64" not in header:
-        raise ImageError("unsupported data URL: expected data:image/...;base64,...",
-                         hint="encode the image as a base64 data URL or pass its bytes")
-    try:
-        return base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as err:
-        raise ImageError("the image data URL is not valid base64", hint="re-encode the image") from err
+    return decode_data_url(url, "image", ImageError)
 
 
 _UNSUPPORTED_SIGNATURES = {  # formats Pillow cannot read without plugins

@@ -22,8 +22,6 @@ preprocessed as soon as it is decoded, so a long 4K clip never holds more than o
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 from collections.abc import Mapping
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from smoledge.runtime.data_url import decode_data_url
 from smoledge.errors import ConfigError, VideoError, VideoDecoderMissingError
 from smoledge.runtime.preprocess import LANCZOS
 
@@ -382,14 +381,7 @@ def _bytes_target(data: bytes, what: str) -> tuple[io.BytesIO, str]:
 
 
 def _decode_data_url(url: str) -> bytes:
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:video/") or ";base64" not in header:
-        raise VideoError("unsupported data URL: expected data:video/...;base64,...",
-                         hint="encode the video as a base64 data URL or pass its bytes")
-    try:
-        return base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as err:
-        raise VideoError("the video data URL is not valid base64", hint="re-encode the video") from err
+    return decode_data_url(url, "video", VideoError)
 
 
 def _clip_info(container, stream, what: str) -> ClipInfo:
