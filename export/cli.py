@@ -22,6 +22,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="override the recipe for the vision encoder and connector")
     parser.add_argument("--ort-fusions", default="cpu", choices=["cpu", "cuda", "webgpu", "dml", "none"],
                         help="fuse ONNX graphs into ONNX Runtime ops for this provider (default cpu)")
+    parser.add_argument("--coreml-context", default="2048",
+                        help="Core ML: KV-state capacity in tokens, or 'full' for the model's context (default 2048)")
+    parser.add_argument("--coreml-compression", default="linear", choices=["linear", "palettize"],
+                        help="Core ML: blockwise linear quantization or k-means palettization (default linear)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (or add a format to)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -42,6 +46,14 @@ def _quiet_libraries(logging, warnings) -> None:
     hf_logging.disable_progress_bar()
 
 
+def _positive_int(text: str, flag: str) -> int:
+    from smoledge.errors import ConfigError
+
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{flag} takes a positive number of tokens or 'full', got {text!r}")
+    return int(text)
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
     import warnings
@@ -58,6 +70,10 @@ def main(args: argparse.Namespace) -> int:
         onnx_target = target_module("onnx")
         options["onnx"] = onnx_target.OnnxTargetOptions(ort_fusions=None if args.ort_fusions == "none"
                                                         else args.ort_fusions)
+    if "coreml" in formats:
+        options["coreml"] = target_module("coreml").CoreMLTargetOptions(
+            context=None if args.coreml_context == "full" else _positive_int(args.coreml_context, "--coreml-context"),
+            compression=args.coreml_compression)
     job = ExportJob(model=args.model, out=args.out, recipe=recipe, formats=formats, revision=args.revision,
                     target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision)
     path = export_bundle(job, show_progress=not args.no_progress)

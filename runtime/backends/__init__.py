@@ -9,6 +9,7 @@ from smoledge.errors import BackendUnavailableError, ConfigError
 
 BACKENDS = {
     "onnx": "smoledge.runtime.backends.onnx",
+    "coreml": "smoledge.runtime.backends.coreml",
 }
 
 
