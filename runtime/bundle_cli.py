@@ -45,9 +45,9 @@ def describe(bundle) -> str:
     ]
     for fmt, art in sorted(m["artifacts"].items()):
         lines.append(f"{fmt:<10} recipe {art.get('recipe', {}).get('name', '-')}, {art['weight_bytes'] / 1e6:.1f} MB")
-        for name, graph in art.get("graphs", {}).items():
-            q = graph.get("quantization", {})
-            lines.append(f"  {name:<22} {graph['precision']:<40} {graph['bytes'] / 1e6:8.1f} MB"
+        for name, part in (art.get("graphs") or art.get("models") or {}).items():  # ONNX graphs, Core ML models
+            q = part.get("quantization", {})
+            lines.append(f"  {name:<22} {part.get('precision', '-'):<40} {part.get('bytes', 0) / 1e6:8.1f} MB"
                          f"  {q.get('bits_per_weight', 0):.2f} bits/weight")
     lines.append(f"files      {len(m['files'])}, schema {m['schema_version']}, smoledge {m.get('smoledge_version')}")
     return "\n".join(lines)
