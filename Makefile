@@ -30,6 +30,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench bench-full: EXTRAS = bench
+
 bench: setup
 	$(BIN)/smoledge bench --size realtext
 
