@@ -19,6 +19,12 @@ os.environ["SMOLEDGE_NO_CLOUD"] = "1"
 os.environ.pop("HF_TOKEN", None)
 
 
+# For the real-text model.  The bare "What is the capital of France?" is a coin toss for this 135M
+# model: in fp32 its first answer token "The" leads "L'" by 0.08 logits, so any quantization (int8 too)
+# may tip it into French.  Asking for one sentence gives a 1.5-logit lead in fp32 and a stable answer.
+PARIS_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from smoledge.export.demo_models import ensure_tiny_model

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli, synthetic_image
+from conftest import PARIS_QUESTION, run_cli, synthetic_image
 
 pytestmark = pytest.mark.slow
-# The bare "What is the capital of France?" is a coin toss for this 135M model: in fp32 its first
-# answer token "The" leads "L'" by 0.08 logits, so any quantization (int8 included) may tip it into
-# French.  Asking for one sentence gives a 1.5-logit lead in fp32 and a stable answer.
-QUESTION = "What is the capital of France? Answer in one sentence."
+QUESTION = PARIS_QUESTION
 
 
 def test_int4_bundle_answers_paris(realtext_int4_bundle):

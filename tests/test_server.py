@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx2
 import openai
 import pytest
+from conftest import PARIS_QUESTION
 from test_cloud_fakes import CLOUD_TEXT, LOCAL_TEXT, make_config, router  # noqa: F401
 from test_server_fakes import (  # noqa: F401
     CountingEngine,
@@ -24,7 +25,7 @@ from smoledge.cloud_fallback import PolicyConfig
 from smoledge.errors import BackendError
 from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, TextPart
 
-QUESTION = "What is the capital of France?"
+QUESTION = PARIS_QUESTION
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ import httpx2
 import openai
 import psutil
 import pytest
-from conftest import REPO
+from conftest import PARIS_QUESTION, REPO
 from test_cloud_fakes import TOKEN
 from test_server_fakes import module_router  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
-QUESTION = "What is the capital of France?"
+QUESTION = PARIS_QUESTION
 CLIENTS = int(os.environ.get("SMOLEDGE_LOAD_CLIENTS", "24"))
 SECONDS = float(os.environ.get("SMOLEDGE_LOAD_SECONDS", "20"))
 QUEUE = 8
