@@ -27,34 +27,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 
 from smoledge.errors import ConfigError
-from smoledge.quantize.recipe import Recipe, Scheme
+from smoledge.quantize.recipe import QuantReport, Recipe, Scheme
 
 log = logging.getLogger(__name__)
 
 METHODS = ("linear", "palettize")
 COMPRESSED_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
-
-
-@dataclass(frozen=True)
-class CoreMLQuantReport:
-    """What the program holds after compression: weights per scheme label and their stored bytes."""
-
-    schemes: dict[str, int]
-    weights: int
-    weight_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.weight_bytes / self.weights if self.weights else 0.0
-
-    def to_dict(self) -> dict:
-        return {"schemes": self.schemes, "weights": self.weights, "weight_bytes": self.weight_bytes,
-                "bits_per_weight": round(self.bits_per_weight, 3)}
 
 
 def scheme_label(scheme: Scheme | None, method: str) -> str:
@@ -102,7 +84,7 @@ def compress(mlmodel, recipe: Recipe, names: dict[str, str], method: str = "line
     return apply(mlmodel, config)
 
 
-def weight_report(program, expected: dict[str, str], recipe: Recipe, method: str) -> CoreMLQuantReport:
+def weight_report(program, expected: dict[str, str], recipe: Recipe, method: str) -> QuantReport:
     """Count what the program really stores for each named weight (coremltools skips a weight whose
     axes its block does not divide; that weight is reported as float16, with a warning)."""
     from smoledge.export.coreml_convert import WEIGHT_OPS
@@ -123,7 +105,7 @@ def weight_report(program, expected: dict[str, str], recipe: Recipe, method: str
         counts[scheme_label(asked if compressed else None, method)] += 1
         weights += int(np.prod(var.shape))
         stored += _stored_bytes(source)
-    return CoreMLQuantReport(dict(counts), weights, stored)
+    return QuantReport(dict(counts), weights, stored)
 
 
 def _root_name(op) -> str:

@@ -10,31 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from smoledge.quantize.recipe import Recipe, Scheme
+from smoledge.quantize.recipe import QuantReport, Recipe, Scheme
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class QuantReport:
-    """What a graph became: counts per scheme and the stored bits per quantizable weight."""
-
-    schemes: dict[str, int]
-    weights: int
-    weight_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.weight_bytes / self.weights if self.weights else 0.0
-
-    def to_dict(self) -> dict:
-        return {"schemes": self.schemes, "weights": self.weights, "weight_bytes": self.weight_bytes,
-                "bits_per_weight": round(self.bits_per_weight, 3)}
 
 
 def _algo_config(scheme: Scheme, op_types: tuple[str, ...]):

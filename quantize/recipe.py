@@ -115,6 +115,24 @@ def with_vision_precision(recipe: Recipe, precision: str | None) -> Recipe:
     return recipe.with_rules_first(rules, f"vision-{precision}")
 
 
+@dataclass(frozen=True)
+class QuantReport:
+    """What a target made of a recipe: weights per scheme label and the bytes they are stored in
+    (data + scales + zero points), so every format reports bits per weight the same way."""
+
+    schemes: dict[str, int]
+    weights: int
+    weight_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.weight_bytes / self.weights if self.weights else 0.0
+
+    def to_dict(self) -> dict:
+        return {"schemes": self.schemes, "weights": self.weights, "weight_bytes": self.weight_bytes,
+                "bits_per_weight": round(self.bits_per_weight, 3)}
+
+
 def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
 

@@ -36,7 +36,7 @@ from PIL import Image
 
 from smoledge.runtime.data_url import decode_data_url
 from smoledge.errors import ConfigError, VideoError, VideoDecoderMissingError
-from smoledge.runtime.preprocess import LANCZOS
+from smoledge.runtime.preprocess import LANCZOS, resized_size
 
 VideoSource = str | Path | bytes
 
@@ -256,17 +256,7 @@ def video_prompt_string(plan: VideoPlan, cfg: VideoConfig, frame_string: str) ->
 
 def frame_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
     """``video_processing_smolvlm.get_resize_output_image_size``: the first resize's (height, width)."""
-    side = min(MAX_IMAGE_SIZE, longest_edge)
-    aspect_ratio = width / height
-    if width >= height:
-        width = side
-        height = int(width / aspect_ratio)
-        height += height % 2
-    else:
-        height = side
-        width = int(height * aspect_ratio)
-        width += width % 2
-    return max(height, 1), max(width, 1)
+    return resized_size(height, width, min(MAX_IMAGE_SIZE, longest_edge))
 
 
 def frame_tile(frame: np.ndarray, cfg: VideoConfig) -> np.ndarray:
