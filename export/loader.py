@@ -7,13 +7,13 @@ the 2.2B: the same code serves SmolVLM2-2.2B/500M/256M and SmolVLM v1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from smoledge.errors import ConfigError, ModelLoadError
+from smoledge.runtime.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,6 @@ def _hash_files(folder: Path) -> dict[str, str]:
         if path.is_file():
             hashes[name] = sha256_file(path)
     return hashes
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_config(checkpoint: Checkpoint) -> dict:
