@@ -9,6 +9,7 @@ fewer frames, in which case it is downsampled and answered locally.
 from __future__ import annotations
 
 import base64
+import re
 import sys
 
 import pytest
@@ -65,7 +66,9 @@ def test_never_cloud_downsamples_when_told(tiny_fp32_bundle, long_clip, monkeypa
     assert _run(tiny_fp32_bundle, long_clip, "--profile", PI, "--no-cloud", "--stats", *how) == 0
     out = capsys.readouterr()
     assert f"[route: local - fits {PI}: {frames} tiles/frames" in out.err and f" {frames} tiles," in out.err
-    assert out.out.strip()
+    # answered locally: tokens were generated (a random model's 4 tokens may all decode to blanks or
+    # special tokens, so the printed text itself can be empty)
+    assert re.search(r"\[onnx: \d+ prompt tokens, \d+ tiles, [1-4] new tokens", out.err), out.err
 
 
 def test_bad_max_frames_is_a_config_error(tiny_fp32_bundle, long_clip, capsys):
