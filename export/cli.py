@@ -24,6 +24,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="fuse ONNX graphs into ONNX Runtime ops for this provider (default cpu)")
     parser.add_argument("--coreml-context", default="2048",
                         help="Core ML: KV-state capacity in tokens, or 'full' for the model's context (default 2048)")
+    parser.add_argument("--max-context-len", default="2048",
+                        help="ExecuTorch: static KV-cache positions in tokens, or 'full' for the model's context "
+                        "(default 2048)")
     parser.add_argument("--coreml-compression", default="linear", choices=["linear", "palettize"],
                         help="Core ML: blockwise linear quantization or k-means palettization (default linear)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (or add a format to)")
@@ -70,6 +73,10 @@ def main(args: argparse.Namespace) -> int:
         onnx_target = target_module("onnx")
         options["onnx"] = onnx_target.OnnxTargetOptions(ort_fusions=None if args.ort_fusions == "none"
                                                         else args.ort_fusions)
+    if "executorch" in formats:
+        options["executorch"] = target_module("executorch").ExecutorchTargetOptions(
+            max_context_len=None if args.max_context_len == "full"
+            else _positive_int(args.max_context_len, "--max-context-len"))
     if "coreml" in formats:
         options["coreml"] = target_module("coreml").CoreMLTargetOptions(
             context=None if args.coreml_context == "full" else _positive_int(args.coreml_context, "--coreml-context"),

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = {
     "onnx": "smoledge.export.target_onnx",
+    "executorch": "smoledge.export.target_executorch",
     "coreml": "smoledge.export.target_coreml",
 }
 

@@ -63,8 +63,9 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.runtime.video import resolve_max_frames
 
     config = router_config_from_args(args)
-    options = {"providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-               "threads": args.threads} if args.backend == "onnx" else {}
+    options = {"threads": args.threads} if args.backend in ("onnx", "executorch") else {}
+    if args.backend == "onnx":
+        options["providers"] = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     pipe = Pipeline.load(args.bundle, args.backend, **options)
     pipe.set_video_max_frames(resolve_max_frames(args.max_frames, config.profile.max_video_frames))
     request = build_request(args, pipe.manifest)

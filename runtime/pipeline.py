@@ -47,7 +47,11 @@ class Pipeline:
         self.image_tokens = ImageTokens.from_dict({k: m["tokens"][k] for k in ("image", "fake_image", "global_image")})
         self.image_token_id = int(m["tokens"]["image_token_id"])
         self.eos_ids = tuple(m["generation"]["eos_token_ids"])
-        self.context_length = int(m["context_length"])
+        # The tokens this engine can serve: the model's window, capped by a backend whose KV cache was
+        # sized at export (ExecuTorch's static cache, Core ML's state).  The router reads it from ``manifest``.
+        capacity = getattr(backend, "max_context_len", None)
+        self.context_length = min(int(m["context_length"]), int(capacity or m["context_length"]))
+        self._manifest = dict(m, context_length=self.context_length)
         self.video_config = VideoConfig.from_dict(m["video"]) if m.get("video") else None
         self.last_stats = GenerationStats()
 
@@ -58,7 +62,8 @@ class Pipeline:
 
     @property
     def manifest(self) -> dict:
-        return self.bundle.manifest
+        """The bundle's manifest, with ``context_length`` the window this backend serves (see ``__init__``)."""
+        return self._manifest
 
     def set_video_max_frames(self, max_frames: int | None) -> None:
         """Sample at most ``max_frames`` frames per video from now on (None keeps the bundle's setting)."""

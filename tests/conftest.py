@@ -68,6 +68,17 @@ def realtext_int4_bundle(realtext_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def realtext_et_bundle(realtext_model_dir, realtext_int4_bundle, tmp_path_factory) -> Path:
+    """The real-text INT4 bundle with the ExecuTorch .pte added beside its ONNX graphs (one bundle, two
+    formats).  Slow: the real decoder's XNNPACK lowering takes several CPU minutes."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("bundles") / "realtext-int4-et"
+    shutil.copytree(realtext_int4_bundle, out)
+    return _export(realtext_model_dir, out, "int4", formats=("executorch",))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_and_processor(tiny_model_dir):
     from transformers import AutoProcessor, SmolVLMForConditionalGeneration
 

@@ -9,6 +9,7 @@ from smoledge.errors import BackendUnavailableError, ConfigError
 
 BACKENDS = {
     "onnx": "smoledge.runtime.backends.onnx",
+    "executorch": "smoledge.runtime.backends.executorch",
     "coreml": "smoledge.runtime.backends.coreml",
 }
 

@@ -63,6 +63,7 @@ class CoreMLBackend:
         self.section = bundle.artifact(FORMAT)
         self.models = models
         self.capacity = int(self.section["context_capacity"])
+        self.max_context_len = self.capacity  # the Pipeline (and the router) cap requests at the state's size
         self.masked = float(self.section["attention_mask"]["masked"])
         self.full_tiles_only = bool(self.section["models"]["vision_encoder"].get("full_tiles_only", True))
 
