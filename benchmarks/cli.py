@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smoledge.benchmarks.config import DEFAULT_PEERS, SIZES, BenchSettings, default_threads
+from smoledge.benchmarks.config import DEFAULT_PEERS, SIZES, BenchSettings, default_formats, default_threads
 from smoledge.errors import ConfigError
 
 
@@ -22,6 +22,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="realtext (SmolLM2-135M decoder, fast) or full (SmolVLM2-2.2B shapes, random weights)")
     parser.add_argument("--bundle", action="append", type=Path, default=[], metavar="B",
                         help="a bundle of the size's model to measure (repeatable; default: export INT4 to the cache)")
+    parser.add_argument("--formats", default=",".join(default_formats()),
+                        help="formats of the default bundle to measure (default: onnx, plus executorch where "
+                        "it is installed); ignored with --bundle, whose formats are all measured")
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                         help=f"comma-separated peers ({', '.join(DEFAULT_PEERS)}; '' for none)")
     parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, --quick 1)")
@@ -44,10 +47,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     for bundle in args.bundle:
         if not (bundle / "manifest.json").is_file():
             raise ConfigError(f"{bundle} is not a bundle folder (no manifest.json)", hint="give an exported bundle")
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     try:
-        return BenchSettings(size=args.size, bundles=tuple(args.bundle), peers=peers, repeats=repeats,
-                             threads=args.threads, out=args.out, quick=args.quick, fidelity=args.fidelity,
+        return BenchSettings(size=args.size, bundles=tuple(args.bundle), formats=formats, peers=peers,
+                             repeats=repeats, threads=args.threads, out=args.out, quick=args.quick, fidelity=args.fidelity,
                              worker_timeout_s=args.timeout)
     except ValueError as err:
         raise ConfigError(str(err), hint="see smoledge bench --help") from None

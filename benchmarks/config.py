@@ -50,6 +50,13 @@ def workload_for(size: str, quick: bool) -> Workload:
     return replace(base, **QUICK) if quick else base
 
 
+def default_formats() -> tuple[str, ...]:
+    """ONNX always; the ExecuTorch .pte beside it where executorch is installed (the [executorch] extra)."""
+    import importlib.util
+
+    return ("onnx", "executorch") if importlib.util.find_spec("executorch") else ("onnx",)
+
+
 def default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -61,6 +68,7 @@ def default_threads() -> int:
 class BenchSettings:
     size: str = "realtext"
     bundles: tuple[Path, ...] = ()  # empty: export the default INT4 bundle into the cache
+    formats: tuple[str, ...] = ("onnx",)  # what that default bundle holds (each format is one subject)
     peers: tuple[str, ...] = DEFAULT_PEERS
     repeats: int = 3
     threads: int = field(default_factory=default_threads)
@@ -72,6 +80,8 @@ class BenchSettings:
     def __post_init__(self):
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
+        if not self.formats or "onnx" not in self.formats:
+            raise ValueError(f"formats must include onnx (the reference subject), got {self.formats!r}")
         if self.repeats < 1 or self.threads < 1:
             raise ValueError("repeats and threads must be >= 1")
 

@@ -43,15 +43,20 @@ def work_dir_for(size: str, model_dir: Path) -> Path:
     return cache_dir() / "bench" / f"{size}-{model_stamp(model_dir)}"
 
 
-def ensure_bundle(model_dir: Path, work_dir: Path, recipe: str = "int4") -> Path:
-    """Our default bundle of this model, exported with ``export_bundle`` if not there yet."""
+def ensure_bundle(model_dir: Path, work_dir: Path, recipe: str = "int4", formats: tuple[str, ...] = ("onnx",)) -> Path:
+    """Our default bundle of this model with ``formats`` in it, exported with ``export_bundle`` (formats a
+    cached bundle lacks are added to it)."""
     out = work_dir / f"smoledge-{recipe}"
-    if (out / "manifest.json").is_file():
+    manifest = out / "manifest.json"
+    have = set(json.loads(manifest.read_text()).get("artifacts", {})) if manifest.is_file() else set()
+    wanted = tuple(f for f in formats if f not in have)
+    if not wanted:
         return out
     from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe
 
-    return export_bundle(ExportJob(model=str(model_dir), out=out, recipe=load_recipe(recipe)), show_progress=True)
+    return export_bundle(ExportJob(model=str(model_dir), out=out, recipe=load_recipe(recipe), formats=wanted),
+                         show_progress=True)
 
 
 def write_images(work_dir: Path, workload: Workload) -> tuple[Path, Path]:

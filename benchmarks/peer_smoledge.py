@@ -20,7 +20,7 @@ from smoledge.benchmarks.peers import Case, Engine, FirstToken, PrepareContext, 
 
 NAME = "smoledge"
 # backend -> the option that sets its thread count (a backend without one runs its default)
-THREAD_OPTIONS = {"onnx": "threads"}
+THREAD_OPTIONS = {"onnx": "threads", "executorch": "threads"}
 
 
 def missing() -> str | None:

@@ -40,7 +40,7 @@ def log(message: str) -> None:
 def prepare(settings: BenchSettings) -> Prepared:
     model_dir = models.model_dir_for(settings.size)
     work_dir = models.work_dir_for(settings.size, model_dir)
-    bundles = settings.bundles or (models.ensure_bundle(model_dir, work_dir),)
+    bundles = settings.bundles or (models.ensure_bundle(model_dir, work_dir, formats=settings.formats),)
     workload = settings.workload
     max_tokens = max(max(workload.contexts) + workload.decode_tokens + 64, MIN_CONTEXT)
     ctx = PrepareContext(settings.size, model_dir, work_dir, tuple(Path(b) for b in bundles), settings.threads,

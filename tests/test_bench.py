@@ -117,17 +117,23 @@ def test_gguf_text_conversion_matches_transformers(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed (the [bench] extra)")
-def test_bench_realtext_quick_writes_results(realtext_int4_bundle, tmp_path):
-    """Our bundle and llama.cpp (when installed) measured; transformers only as the fidelity reference
-    (its fp32 speed pass and the genai builder are the slow peers, left out here)."""
-    proc = run_cli("bench", "--size", "realtext", "--bundle", str(realtext_int4_bundle), "--quick",
+def test_bench_realtext_quick_writes_results(realtext_et_bundle, tmp_path):
+    """Our bundle's ONNX graphs and .pte, and llama.cpp (when installed) measured; transformers only as
+    the fidelity reference (its fp32 speed pass and the genai builder are the slow peers, left out here)."""
+    proc = run_cli("bench", "--size", "realtext", "--bundle", str(realtext_et_bundle), "--quick",
                    "--peers", "llamacpp", "--out", str(tmp_path), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench-realtext-quick.json").read_text())
     assert {"machine", "versions", "settings", "subjects", "skipped", "targets", "timing"} <= set(report)
     assert report["settings"]["threads"] >= 1 and report["versions"]["onnxruntime"]
-    by_peer = {s["peer"]: s for s in report["subjects"]}
-    ours = by_peer["smoledge"]
+    ours_by_format = {s["options"]["format"]: s for s in report["subjects"] if s["peer"] == "smoledge"}
+    assert set(ours_by_format) == {"onnx", "executorch"}
+    pte = ours_by_format["executorch"]
+    assert pte["status"] == "ok", pte["errors"]
+    for key in ("load_s", "decode_tok_s@256", "rss_peak_mb", "vision_s_per_tile"):
+        assert pte["figures"][key]["median"] > 0, key
+    assert pte["size_bytes"] > 0 and pte["fidelity"]["top1_agreement"] > 0.3
+    ours = ours_by_format["onnx"]
     assert ours["status"] == "ok", ours["errors"]
     for key in ("load_s", "ttft_text_s", "ttft_image_s", "ttft_split_s", "vision_s_per_tile", "rss_one_image_mb",
                 "rss_peak_mb", "prefill_tok_s@256", "decode_tok_s@256", "preprocess_image_s"):
