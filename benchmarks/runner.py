@@ -21,8 +21,8 @@ from smoledge.benchmarks import models
 from smoledge.benchmarks.config import BenchSettings
 from smoledge.benchmarks.peers import PeerSkipped, PrepareContext, Subject, peer_module
 
-VERSIONED = ("smoledge", "numpy", "onnxruntime", "tokenizers", "torch", "transformers", "llama_cpp_python",
-             "onnxruntime-genai", "gguf", "matplotlib")
+VERSIONED = ("smoledge", "numpy", "onnxruntime", "tokenizers", "torch", "transformers", "executorch", "torchao",
+             "llama_cpp_python", "onnxruntime-genai", "gguf", "matplotlib")
 MIN_CONTEXT = 1024  # room for the split-image prompt (5 tiles x 81 tokens + text at the 2.2B)
 
 
