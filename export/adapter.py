@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from smoledge.errors import ConfigError, ExportError, ModelLoadError
-from smoledge.export.loader import Checkpoint, sha256_file
+from smoledge.export.loader import Checkpoint, hub_snapshot, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +72,9 @@ def resolve_adapter(spec: str, revision: str | None = None) -> Adapter:
     if local.exists() or spec.startswith((".", "/", "~")):
         raise ModelLoadError(f"adapter path {spec} is not a folder",
                              hint="give the folder PeftModel.save_pretrained wrote, or a Hub id")
-    path = _download(spec, revision)
+    path = hub_snapshot(spec, revision, [CONFIG_FILE, *WEIGHT_FILES], kind="adapter",
+                        revision_flag="--adapter-revision")
     return _read_adapter(path, spec, path.name)  # the snapshot folder name is the resolved commit
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub import snapshot_download
-
-    name = f"{repo_id}{'@' + revision if revision else ''}"
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_FILE, *WEIGHT_FILES]))
-    except hf_errors.LocalEntryNotFoundError:
-        raise ModelLoadError(f"adapter {name} is not in the local Hugging Face cache and the Hub cannot be reached",
-                             hint="connect and retry, unset HF_HUB_OFFLINE, or pass a local folder") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise ModelLoadError(f"no adapter {repo_id!r} on the Hub (or no access)",
-                             hint="check the id, or set HF_TOKEN for a private adapter") from None
-    except hf_errors.RevisionNotFoundError:
-        raise ModelLoadError(f"adapter {repo_id} has no revision {revision!r}",
-                             hint="check --adapter-revision") from None
-    except (hf_errors.HfHubHTTPError, OSError) as err:
-        raise ModelLoadError(f"could not download adapter {name}: {err}",
-                             hint="check the network and HF_TOKEN") from None
 
 
 def _read_adapter(folder: Path, adapter_id: str, revision: str | None) -> Adapter:

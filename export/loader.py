@@ -46,25 +46,33 @@ def resolve(model: str, revision: str | None = None) -> Checkpoint:
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf_errors
-
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model"]))
-    except hf_errors.LocalEntryNotFoundError:
-        raise ModelLoadError(
-            f"{repo_id}{'@' + revision if revision else ''} is not in the local Hugging Face cache and the Hub "
-            "cannot be reached", hint="connect and retry, unset HF_HUB_OFFLINE, or pass a local folder") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise ModelLoadError(f"no model {repo_id!r} on the Hub (or no access)",
-                             hint="check the id, or set HF_TOKEN for a gated/private model") from None
-    except hf_errors.RevisionNotFoundError:
-        raise ModelLoadError(f"{repo_id} has no revision {revision!r}", hint="check --revision") from None
-    except (hf_errors.HfHubHTTPError, OSError) as err:
-        raise ModelLoadError(f"could not download {repo_id}: {err}", hint="check the network and HF_TOKEN") from None
+    path = hub_snapshot(repo_id, revision, ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model"])
     # The snapshot folder name is the resolved commit hash.
     return Checkpoint(path, repo_id, path.name, _hash_files(path))
+
+
+def hub_snapshot(repo_id: str, revision: str | None, allow_patterns: list[str], *, kind: str = "model",
+                 revision_flag: str = "--revision") -> Path:
+    """A Hub repo's files through the huggingface_hub cache (HF_TOKEN, HF_HUB_OFFLINE honoured), each
+    failure as a one-line ``ModelLoadError`` that names the ``kind`` of repo and the flag to fix."""
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
+
+    label = "" if kind == "model" else f"{kind} "
+    name = f"{repo_id}{'@' + revision if revision else ''}"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    except hf_errors.LocalEntryNotFoundError:
+        raise ModelLoadError(f"{label}{name} is not in the local Hugging Face cache and the Hub cannot be reached",
+                             hint="connect and retry, unset HF_HUB_OFFLINE, or pass a local folder") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ModelLoadError(f"no {kind} {repo_id!r} on the Hub (or no access)",
+                             hint=f"check the id, or set HF_TOKEN for a gated/private {kind}") from None
+    except hf_errors.RevisionNotFoundError:
+        raise ModelLoadError(f"{label}{repo_id} has no revision {revision!r}", hint=f"check {revision_flag}") from None
+    except (hf_errors.HfHubHTTPError, OSError) as err:
+        raise ModelLoadError(f"could not download {label}{name}: {err}",
+                             hint="check the network and HF_TOKEN") from None
 
 
 def _local_revision(folder: Path) -> str | None:
