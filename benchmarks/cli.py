@@ -51,8 +51,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     try:
         return BenchSettings(size=args.size, bundles=tuple(args.bundle), formats=formats, peers=peers,
-                             repeats=repeats, threads=args.threads, out=args.out, quick=args.quick, fidelity=args.fidelity,
-                             worker_timeout_s=args.timeout)
+                             repeats=repeats, threads=args.threads, out=args.out, quick=args.quick,
+                             fidelity=args.fidelity, worker_timeout_s=args.timeout)
     except ValueError as err:
         raise ConfigError(str(err), hint="see smoledge bench --help") from None
 
