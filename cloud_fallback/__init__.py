@@ -8,6 +8,7 @@ Public API::
     add_routing_arguments(parser)                     # --profile --no-cloud --deadline --project
     router_config_from_args(args, env=None) -> RouterConfig
     LocalEngine                                       # the protocol the local engine satisfies
+    HealthTracker(policy)                             # local health that recovers, shared by a server's threads
     decide(shape, manifest, profile, health, policy) -> Decision   # the pure routing policy
 
 Nothing heavy is imported here: the HTTP library is loaded on the first cloud call.
@@ -22,17 +23,21 @@ from .config import (
     PolicyConfig,
     RetryConfig,
     RouterConfig,
+    UploadConfig,
     add_routing_arguments,
     router_config_from_args,
 )
 from .engine import LocalEngine
+from .health import HealthTracker
 from .ledger import Ledger
 from .policy import Decision, LocalHealth, decide
+from .spend import SpendCap
 from .profiles import DeviceProfile, SpeedFigures, load_profile, profile_names
 
 __all__ = [
     "Answer", "Reply", "answer", "answer_text", "format_decision", "CloudFallback", "cloud_targets",
-    "CloudConfig", "CooldownConfig", "LedgerConfig", "PolicyConfig", "RetryConfig", "RouterConfig",
+    "CloudConfig", "CooldownConfig", "LedgerConfig", "PolicyConfig", "RetryConfig", "RouterConfig", "UploadConfig",
+    "HealthTracker", "SpendCap",
     "add_routing_arguments", "router_config_from_args", "LocalEngine", "Ledger", "Decision", "LocalHealth",
     "decide", "DeviceProfile", "SpeedFigures", "load_profile", "profile_names",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from smoledge.errors import (
     BackendError,
@@ -34,9 +34,8 @@ from smoledge.errors import (
 from smoledge.runtime.types import ChatRequest, StreamChunk
 
 from .cloud import CloudFallback, cloud_targets
-from .config import RouterConfig
+from .config import PolicyConfig, RouterConfig, hub_offline
 from .engine import LocalEngine
-from .ledger import Ledger
 from .local_run import LocalRun, LocalTimeout
 from .policy import Decision, LocalHealth, decide, describe_error, fallback_decision, unavailable_decision
 
@@ -89,6 +88,10 @@ class Answer(Iterator[StreamChunk]):
     def __init__(self, request: ChatRequest, engine: LocalEngine | None, *, config: RouterConfig,
                  health: LocalHealth, cloud: CloudFallback | None, on_decision: Callable[[Decision], None] | None):
         self.request, self.engine, self.config = request, engine, config
+        self.policy: PolicyConfig = replace(config.policy, offline=True) if hub_offline() else config.policy
+        self.started = time.monotonic()  # --deadline counts from here, for local and cloud together
+        self.shape = None
+        self.health = health  # what this request was routed with (``health.probe``: the half-open try)
         self.decisions: list[Decision] = []
         self.local_tried = False
         self.local_error: BaseException | None = None
@@ -119,7 +122,7 @@ class Answer(Iterator[StreamChunk]):
             self._on_decision(decision)
 
     def _plan(self, health: LocalHealth) -> Decision:
-        policy = self.config.policy
+        policy = self.policy
         if self.engine is None:
             return unavailable_decision("no local bundle loaded", policy)
         try:
@@ -132,6 +135,7 @@ class Answer(Iterator[StreamChunk]):
         except Exception as err:
             self.local_error = err
             return unavailable_decision(f"local engine could not measure the request: {describe_error(err)}", policy)
+        self.shape = shape
         return decide(shape, self.engine.manifest, self.config.profile, health, policy)
 
     def _run(self) -> Iterator[StreamChunk]:
@@ -143,8 +147,9 @@ class Answer(Iterator[StreamChunk]):
             except _EarlyFailure as early:
                 local_error = self.local_error = early.error
             if not self.decision.fallback_allowed:
-                raise _rewrite(local_error, "never-cloud is on, so there is no cloud fallback") from local_error
-            self._set(fallback_decision(self.decision, local_error, self.config.policy))
+                raise _rewrite(local_error, f"{self.policy.cloud_off_reason}, so there is no cloud fallback") \
+                    from local_error
+            self._set(fallback_decision(self.decision, local_error, self.policy))
         yield from self._cloud_stream(local_error)
 
     def _local(self) -> Iterator[StreamChunk]:
@@ -176,14 +181,14 @@ class Answer(Iterator[StreamChunk]):
             run.cancel()
 
     def _wait(self, start: float, passed: int) -> float | None:
-        policy = self.config.policy
-        limits = [policy.deadline_s] if policy.deadline_s is not None else []
+        policy = self.policy
+        ends = [self.started + policy.deadline_s] if policy.deadline_s is not None else []
         if not passed and policy.first_token_deadline_s is not None:
-            limits.append(policy.first_token_deadline_s)
-        return start + min(limits) - time.monotonic() if limits else None
+            ends.append(start + policy.first_token_deadline_s)
+        return min(ends) - time.monotonic() if ends else None
 
     def _deadline_error(self, passed: int) -> DeadlineExceededError:
-        policy = self.config.policy
+        policy = self.policy
         if not passed:
             limit = min(x for x in (policy.deadline_s, policy.first_token_deadline_s) if x is not None)
             return DeadlineExceededError(f"no first token from the local engine within {limit:g} s",
@@ -194,14 +199,14 @@ class Answer(Iterator[StreamChunk]):
 
     def _cloud_stream(self, local_error: BaseException | None) -> Iterator[StreamChunk]:
         owned = self._cloud is None
-        fallback = self._cloud or CloudFallback(
-            self.config.cloud, project=self.config.ledger.project,
-            ledger=Ledger(self.config.ledger.path) if self.config.ledger.enabled else None,
-        )
+        fallback = self._cloud or CloudFallback.from_config(self.config)
         targets = cloud_targets(self.config.cloud, self.engine.manifest if self.engine is not None else None)
+        deadline = self.started + self.policy.deadline_s if self.policy.deadline_s is not None else None
+        needed = self.shape.prompt_tokens + self.shape.max_new_tokens if self.shape is not None else None
         passed = 0
         try:
-            for chunk in fallback.stream(self.request, targets, self.decision):
+            for chunk in fallback.stream(self.request, targets, self.decision, deadline=deadline,
+                                         needed_tokens=needed):
                 passed += 1
                 yield chunk
         except CloudError as err:

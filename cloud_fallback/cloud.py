@@ -5,11 +5,21 @@ price book and the ledger.  Keep one for as long as failures should be remembere
 one; ``answer`` makes one per request when none is given).  Clock, sleep and random draws are
 constructor arguments, not hidden globals.
 
-Per model: up to ``RetryConfig.attempts`` tries on 429 / 5xx / timeouts / dropped connections, waiting
-the Retry-After or an exponential backoff with jitter; then the next model.  A 400/404 (model not
-served), a malformed answer or another 4xx moves on at once; 401/403 and 402 stop everything (the token or the
-credit is the same for every model).  Once an answer's first chunk has been passed on, nothing is
-retried: a failure ends the stream with an error instead of a duplicated answer.
+Before the first call the router's ``/models`` listing is read (cached in-process and on disk for
+``CloudConfig.models_ttl_s``): its prices feed the spend cap and the ledger, its context windows skip a
+target the request does not fit, with the reason.  The images are encoded once per request.
+
+Per model: up to ``RetryConfig.attempts`` tries on 429 / 5xx / timeouts before the router answered,
+waiting the Retry-After or an exponential backoff with jitter; then the next model.  Once the router's
+200 status line has arrived the provider is generating (and billing), so that call is never retried
+on the same model (only a stream's explicit ``overloaded`` error is).  A 400/404/413/422 (not served,
+or not this request), a malformed or empty answer moves on at once; errors the request caused
+(400/413/422, a stream's validation error) never cool a model down.  401/403, 402 and the spend cap stop
+everything (token, credit and cap are the same for every model).  Once an answer's first chunk has been
+passed on, nothing is retried: a failure ends the stream with an error instead of a duplicated answer.
+
+One time budget bounds it all - attempts, targets, Retry-After sleeps and each call's silence or
+trickle: the caller's deadline, else ``CloudConfig.budget_s``.
 """
 
 from __future__ import annotations
@@ -17,11 +27,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from smoledge.errors import (
     CloudAuthError,
     CloudCreditError,
+    CloudDisabledError,
     CloudError,
     CloudModelError,
     CloudRateLimitError,
@@ -30,15 +43,20 @@ from smoledge.errors import (
 from smoledge.runtime.types import ChatRequest, StreamChunk
 
 from .client import CallRecord, RouterClient, tag
-from .config import DEFAULT_MODELS, CloudConfig
+from .config import DEFAULT_MODELS, CloudConfig, RouterConfig, hub_offline
 from .ledger import Ledger, LedgerEntry
 from .policy import Decision
 from .pricing import PriceBook, fetch_price_book
-from .request_builder import build_chat_call, provider_of
+from .request_builder import build_chat_call, provider_of, to_openai_messages
 from .retry import Backoff, Cooldown
+from .spend import SpendCap
 
 _STOP = (CloudAuthError, CloudCreditError)  # the same token and credit serve every model
 _RETRY = (CloudRateLimitError, CloudUnavailableError)  # anything else moves on to the next model at once
+
+
+class _OutOfTime(Exception):
+    """The time budget ran out: no further attempt or target is tried."""
 
 
 class _AnswerBroken(Exception):
@@ -67,6 +85,8 @@ class CloudFallback:
         ledger: Ledger | None = None,
         project: str = "default",
         cooldown: Cooldown | None = None,
+        spend_cap: SpendCap | None = None,
+        cache_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
@@ -75,11 +95,20 @@ class CloudFallback:
         self.ledger = ledger
         self.project = project
         self.cooldown = cooldown or Cooldown(config.cooldown)
+        self.spend_cap = spend_cap
         self.backoff = Backoff(config.retry)
+        self._listing_cache = Path(cache_dir) / "cloud_models.json" if cache_dir is not None else None
         self._clock, self._sleep, self._rng = clock, sleep, rng or random.Random()
         self._client: RouterClient | None = None
-        self._prices: PriceBook | None = None
+        self._prices: tuple[float, PriceBook] | None = None  # (monotonic time fetched, book)
         self._token: str | None = None
+
+    @staticmethod
+    def from_config(config: RouterConfig, **kwargs: Any) -> CloudFallback:
+        """The fallback a router config describes: its ledger, project, spend cap and listing cache."""
+        ledger = Ledger(config.ledger.path, timeout_s=config.ledger.lock_timeout_s) if config.ledger.enabled else None
+        return CloudFallback(config.cloud, ledger=ledger, project=config.ledger.project,
+                             spend_cap=SpendCap.from_config(config.ledger), cache_dir=config.cache_dir, **kwargs)
 
     def close(self) -> None:
         if self._client is not None:
@@ -103,54 +132,97 @@ class CloudFallback:
                       "no_token")
         return token
 
-    def stream(self, request: ChatRequest, targets: tuple[str, ...], decision: Decision) -> Iterator[StreamChunk]:
-        """Stream an answer from the first target that gives one; raise the last error when none does."""
+    def stream(self, request: ChatRequest, targets: tuple[str, ...], decision: Decision, *,
+               deadline: float | None = None, needed_tokens: int | None = None) -> Iterator[StreamChunk]:
+        """Stream an answer from the first target that gives one; raise the last error when none does.
+
+        ``deadline`` (on this object's clock) ends the whole cloud path, else ``CloudConfig.budget_s`` from
+        now; ``needed_tokens`` (prompt + new tokens) skips a target whose context window is smaller.
+        """
+        if hub_offline():
+            raise CloudDisabledError("HF_HUB_OFFLINE is set, so nothing is sent to the cloud",
+                                     hint="unset HF_HUB_OFFLINE to allow the cloud fallback")
+        end = deadline if deadline is not None else self._clock() + self.config.budget_s
         token = self._token = self.token()
+        book = self._price_book(end)
+        messages = to_openai_messages(request.messages, self.config.uploads)  # once, not per attempt or target
         failures: list[tuple[str, CloudError]] = []
         for target in targets:
-            wait = self.cooldown.remaining(target, self._clock())
-            if wait > 0:
-                failures.append((target, tag(CloudUnavailableError(
-                    f"{target} is cooling down for {wait:.0f} s after repeated failures",
-                    hint="wait, or list alternative models in SMOLEDGE_CLOUD_MODELS"), "cooldown")))
+            skipped = self._skip(target, book, needed_tokens)
+            if skipped is not None:
+                failures.append((target, skipped))
                 continue
+            call = build_chat_call(request, target, base_url=self.config.base_url, token=token,
+                                   bill_to=self.config.bill_to, messages=messages)
             try:
-                done = yield from self._try_target(request, target, token, decision, failures)
+                done = yield from self._try_target(call, request, target, decision, book, end, failures)
             except _AnswerBroken as broken:
                 self.cooldown.failed(target, self._clock())
                 raise broken.error from broken.error.__cause__
+            except _OutOfTime:
+                break
             if done:
                 return
         raise _all_failed(failures)
 
-    def _try_target(self, request: ChatRequest, target: str, token: str, decision: Decision,
-                    failures: list) -> Iterator[StreamChunk]:
-        call = build_chat_call(request, target, base_url=self.config.base_url, token=token,
-                               bill_to=self.config.bill_to)
-        for attempt in range(max(1, self.config.retry.attempts)):
+    def _skip(self, target: str, book: PriceBook, needed_tokens: int | None) -> CloudError | None:
+        wait = self.cooldown.remaining(target, self._clock())
+        if wait > 0:
+            return tag(CloudUnavailableError(f"{target} is cooling down for {wait:.0f} s after repeated failures",
+                                             hint="wait, or list alternative models in SMOLEDGE_CLOUD_MODELS"),
+                       "cooldown")
+        window = book.context_window(target)
+        if needed_tokens is not None and window is not None and needed_tokens > window:
+            return tag(CloudModelError(f"{target} was skipped: its context window of {window:,} tokens is smaller "
+                                       f"than the {needed_tokens:,} this request needs",
+                                       hint="list a model with a larger window, or shorten the request"),
+                       "context", cools=False)
+        return None
+
+    def _try_target(self, call, request: ChatRequest, target: str, decision: Decision, book: PriceBook,
+                    end: float, failures: list) -> Iterator[StreamChunk]:
+        for attempt in range(self.config.retry.attempts):
+            if self.spend_cap is not None:
+                self.spend_cap.check(self.ledger, self.project, datetime.now(UTC).date(), book.highest(),
+                                     request.sampling.max_new_tokens)
+            record = CallRecord(target=target, provider=provider_of(target))
             try:
-                yield from self._one_call(call, target, decision)
+                yield from self._one_call(call, record, decision, book, request.sampling.max_new_tokens, end)
                 self.cooldown.succeeded(target)
                 return True
             except _STOP:
                 raise
             except CloudError as err:
-                delay = None
-                if isinstance(err, _RETRY):
-                    delay = self.backoff.delay(attempt, retry_after=getattr(err, "retry_after", None),
-                                               rand=self._rng.random())
+                if getattr(err, "status", "") == "budget":
+                    failures.append((target, _budget_error(err)))
+                    raise _OutOfTime() from err
+                delay = self._retry_delay(err, record, attempt)
+                left = end - self._clock()
+                if delay is not None and delay >= left:
+                    failures.append((target, err))
+                    failures.append((target, _budget_error(None)))
+                    raise _OutOfTime() from err
                 if delay is None:
-                    self.cooldown.failed(target, self._clock())
+                    if getattr(err, "cools", True):
+                        self.cooldown.failed(target, self._clock())
                     failures.append((target, err))
                     return False
                 self._sleep(delay)
         return False
 
-    def _one_call(self, call, target: str, decision: Decision) -> Iterator[StreamChunk]:
-        record = CallRecord(target=target, provider=provider_of(target))
+    def _retry_delay(self, err: CloudError, record: CallRecord, attempt: int) -> float | None:
+        """Seconds to wait before trying the same model again, or None: move on.  Never after a 200 (billing)."""
+        if not isinstance(err, _RETRY):
+            return None
+        if record.answered and getattr(err, "status", "") != "stream_overloaded":
+            return None
+        return self.backoff.delay(attempt, retry_after=getattr(err, "retry_after", None), rand=self._rng.random())
+
+    def _one_call(self, call, record: CallRecord, decision: Decision, book: PriceBook, max_tokens: int,
+                  end: float) -> Iterator[StreamChunk]:
         passed_on = 0
         try:
-            for chunk in self.client().stream_chat(call, record):
+            for chunk in self.client().stream_chat(call, record, deadline=end):
                 passed_on += 1
                 yield chunk
         except CloudError as err:
@@ -164,24 +236,43 @@ class CloudFallback:
         finally:
             if record.status == "started":
                 record.status = "error"
-            self._record(record, decision)
+            self._record(record, decision, book, max_tokens)
 
-    def _record(self, record: CallRecord, decision: Decision) -> None:
+    def _record(self, record: CallRecord, decision: Decision, book: PriceBook, max_tokens: int) -> None:
+        """One ledger row per call, best-effort: a ledger failure is a warning, never a lost answer."""
         if self.ledger is None:
             return
-        cost = None
-        if record.status == "ok" and record.provider and record.tokens_in is not None:
-            cost = self._price_book().estimate(record.target, record.provider, record.tokens_in, record.tokens_out)
-        self.ledger.append(LedgerEntry.now(
+        if not record.answered:
+            cost: float | None = 0.0  # refused or unreachable before the provider started: nothing billed
+        else:
+            cost = book.estimate(record.target, record.provider, record.tokens_in, record.tokens_out)
+        self.ledger.record(LedgerEntry.now(
             project=self.project, route_code=decision.code, route_reason=decision.reason,
             provider=record.provider, model=record.target, tokens_in=record.tokens_in,
             tokens_out=record.tokens_out, latency_s=round(record.latency_s, 4), status=record.status, cost_usd=cost,
+            max_tokens=max_tokens,
         ))
 
-    def _price_book(self) -> PriceBook:
-        if self._prices is None:
-            self._prices = fetch_price_book(self.client(), self._token)
-        return self._prices
+    def _price_book(self, end: float) -> PriceBook:
+        """Prices and windows from ``/models``: kept in-process and on disk for ``models_ttl_s``."""
+        now = self._clock()
+        if self._prices is not None and now - self._prices[0] < self._prices_ttl(self._prices[1]):
+            return self._prices[1]
+        book = fetch_price_book(self.client(), self._token, cache=self._listing_cache, now=time.time(),
+                                ttl_s=self.config.models_ttl_s, deadline=min(end, now + self.config.pricing_timeout_s))
+        self._prices = (now, book)
+        return book
+
+    def _prices_ttl(self, book: PriceBook) -> float:
+        # an empty book (listing unavailable) is asked for again sooner
+        return self.config.models_ttl_s if book.prices or book.contexts else min(60.0, self.config.models_ttl_s)
+
+
+def _budget_error(cause: CloudError | None) -> CloudError:
+    what = f" ({cause.message})" if cause is not None else ""
+    return tag(CloudUnavailableError(f"the cloud time budget ran out{what}",
+                                     hint="raise --deadline, or SMOLEDGE_CLOUD_BUDGET_S "
+                                          f"(default {CloudConfig.budget_s:g} s)"), "budget")
 
 
 def _mid_stream(err: CloudError, passed_on: int) -> CloudError:

@@ -13,7 +13,11 @@
                            first, then the alternatives; overrides the bundle's manifest
 ``SMOLEDGE_BILL_TO``       Hugging Face organisation billed for cloud calls
 ``SMOLEDGE_CACHE_DIR``     folder for the ledger and calibrations (default the user cache dir)
+``SMOLEDGE_CLOUD_BUDGET_S`` seconds the cloud path may take per request without ``--deadline`` (default 120)
+``SMOLEDGE_SPEND_CAP_USD`` per-project cloud spend cap in dollars (default none)
+``SMOLEDGE_SPEND_CAP_PERIOD`` ``day`` (default) or ``month`` (UTC) for the cap
 ``HF_TOKEN``               the token (or the ``hf auth login`` token); never written anywhere
+``HF_HUB_OFFLINE``         ``1``: no network, so never-cloud (as for every Hugging Face tool)
 =========================  ============================================================================
 """
 
@@ -44,11 +48,16 @@ _FALSE = {"", "0", "false", "no", "off"}
 class RetryConfig:
     """Per cloud model: how often to try, and the exponential backoff between tries."""
 
-    attempts: int = 3
+    attempts: int = 3  # tries per model, at least 1 (0 is refused, not read as 1)
     base_delay_s: float = 0.5
     max_delay_s: float = 8.0
     jitter: float = 0.5  # the delay is scaled by a random factor in [1 - jitter, 1]
     max_retry_after_s: float = 30.0  # a longer Retry-After moves on to the next model instead
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ConfigError(f"RetryConfig.attempts={self.attempts!r} must be a whole number >= 1",
+                              hint="1 means one try per model and no retry")
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,16 @@ class CooldownConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    """How images are prepared for upload: downscaled to ``max_pixels`` and re-encoded as JPEG when larger
+    (in pixels or ``max_bytes``) or in a format the router may not take; smaller JPEG/PNG/WebP go as they are."""
+
+    max_pixels: int = 1_572_864  # 1536 x 1024: what the substitute VLMs use; more only costs upload and tokens
+    max_bytes: int = 1_000_000
+    jpeg_quality: int = 85
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     base_url: str = DEFAULT_BASE_URL
     models: tuple[str, ...] = ()  # empty: the bundle manifest's choice, else DEFAULT_MODELS
@@ -67,18 +86,33 @@ class CloudConfig:
     token: str | None = field(default=None, repr=False)  # None: HF_TOKEN or the huggingface_hub login
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0  # longest silence between two bytes of an answer
-    total_timeout_s: float = 300.0
+    total_timeout_s: float = 300.0  # one call, first byte to last
+    budget_s: float = 120.0  # the whole cloud path of one request: attempts, targets, Retry-After sleeps
     pricing_timeout_s: float = 3.0
+    models_ttl_s: float = 3600.0  # how long the /models listing (prices, context windows) is reused
     retry: RetryConfig = field(default_factory=RetryConfig)
     cooldown: CooldownConfig = field(default_factory=CooldownConfig)
+    uploads: UploadConfig = field(default_factory=UploadConfig)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     never_cloud: bool = False
-    deadline_s: float | None = None  # total time the caller grants one answer
+    offline: bool = False  # HF_HUB_OFFLINE is set: never-cloud, with that reason
+    deadline_s: float | None = None  # total time the caller grants one answer, local and cloud together
     first_token_deadline_s: float | None = None
     local_failures_before_skip: int = 3  # after this many local failures in a row, go straight to the cloud
+    local_misses_before_skip: int = 3  # ... or this many missed first-token deadlines in a row
+    local_retry_after_s: float = 30.0  # then, after this cool-off, one request tries local again
+    local_retry_every: int = 10  # ... or every Nth request sent away meanwhile (0: only the cool-off)
+
+    @property
+    def cloud_off(self) -> bool:
+        return self.never_cloud or self.offline
+
+    @property
+    def cloud_off_reason(self) -> str:
+        return "HF_HUB_OFFLINE is set" if self.offline and not self.never_cloud else "never-cloud is on"
 
 
 @dataclass(frozen=True)
@@ -86,6 +120,17 @@ class LedgerConfig:
     path: Path
     project: str = "default"
     enabled: bool = True
+    spend_cap_usd: float | None = None  # per project and period; None: no cap
+    spend_cap_period: str = "day"  # "day" or "month", UTC
+    lock_timeout_s: float = 5.0  # how long a write waits for another writer before it is skipped
+
+    def __post_init__(self) -> None:
+        if self.spend_cap_period not in ("day", "month"):
+            raise ConfigError(f"spend cap period {self.spend_cap_period!r} is not 'day' or 'month'",
+                              hint="set SMOLEDGE_SPEND_CAP_PERIOD=day or =month")
+        if self.spend_cap_usd is not None and not self.spend_cap_usd >= 0:
+            raise ConfigError(f"spend cap {self.spend_cap_usd!r} USD is not a number >= 0",
+                              hint="e.g. SMOLEDGE_SPEND_CAP_USD=5")
 
 
 @dataclass(frozen=True)
@@ -150,18 +195,40 @@ def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | N
         raise ConfigError(f"--deadline {deadline} is not a positive number of seconds", hint="e.g. --deadline 10")
     policy = PolicyConfig(
         never_cloud=bool(getattr(args, "no_cloud", False)) or env_flag(env, "SMOLEDGE_NO_CLOUD"),
+        offline=hub_offline(env),
         deadline_s=deadline,
     )
     cloud = CloudConfig(
         base_url=env.get("SMOLEDGE_CLOUD_BASE_URL") or DEFAULT_BASE_URL,
         models=parse_models(env.get("SMOLEDGE_CLOUD_MODELS", "")),
         bill_to=env.get("SMOLEDGE_BILL_TO") or None,
+        budget_s=_env_number(env, "SMOLEDGE_CLOUD_BUDGET_S", CloudConfig.budget_s, minimum=0.001),
     )
     project = getattr(args, "project", None) or env.get("SMOLEDGE_PROJECT") or "default"
-    return RouterConfig(
-        profile=load_profile(profile_name, cache_dir=cache_dir),
-        policy=policy,
-        cloud=cloud,
-        ledger=LedgerConfig(path=ledger_path(cache_dir), project=project),
-        cache_dir=cache_dir,
-    )
+    cap = env.get("SMOLEDGE_SPEND_CAP_USD", "").strip()
+    ledger = LedgerConfig(path=ledger_path(cache_dir), project=project,
+                          spend_cap_usd=_env_number(env, "SMOLEDGE_SPEND_CAP_USD", 0.0) if cap else None,
+                          spend_cap_period=env.get("SMOLEDGE_SPEND_CAP_PERIOD", "").strip().lower() or "day")
+    return RouterConfig(profile=load_profile(profile_name, cache_dir=cache_dir), policy=policy, cloud=cloud,
+                        ledger=ledger, cache_dir=cache_dir)
+
+
+def hub_offline(env: Mapping[str, str] | None = None) -> bool:
+    """Offline mode as huggingface_hub defines it (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set to
+    1/true/yes/on), read from the environment at call time (huggingface_hub reads it once, at import)."""
+    env = os.environ if env is None else env
+    value = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(f"{name}={text!r} is not a number >= {minimum:g}", hint=f"e.g. {name}=120")
+    return value

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from smoledge.errors import BundleError, SmolEdgeError
+from smoledge.errors import BundleError, DeadlineExceededError, SmolEdgeError
 from smoledge.runtime.types import RequestShape
 
 from .config import PolicyConfig
@@ -30,16 +30,35 @@ Route = Literal["local", "cloud", "refuse"]
 
 @dataclass(frozen=True)
 class LocalHealth:
-    """How the local engine has been doing, as the caller tracks it (``after`` returns the next state)."""
+    """How the local engine has been doing, as the caller tracks it (``after`` returns the next state).
+
+    Crashes and missed first-token deadlines are counted apart: a slow, busy device is not a broken one.
+    ``probe`` marks the one request that tries local again although the counts say skip (half-open; see
+    :class:`~smoledge.cloud_fallback.health.HealthTracker`, which sets it).
+    """
 
     available: bool = True
     consecutive_failures: int = 0
     last_error: str = ""
+    deadline_misses: int = 0
+    probe: bool = False
 
     def after(self, error: BaseException | None) -> LocalHealth:
         if error is None:
             return LocalHealth(available=self.available)
-        return replace(self, consecutive_failures=self.consecutive_failures + 1, last_error=describe_error(error))
+        if isinstance(error, DeadlineExceededError):
+            return replace(self, deadline_misses=self.deadline_misses + 1, last_error=describe_error(error),
+                           probe=False)
+        return replace(self, consecutive_failures=self.consecutive_failures + 1, last_error=describe_error(error),
+                       probe=False)
+
+    def skips_local(self, policy: PolicyConfig) -> bool:
+        """True when the counts say local is failing (and this request is not the half-open probe)."""
+        if not self.available:
+            return True
+        failing = (self.consecutive_failures >= policy.local_failures_before_skip > 0
+                   or self.deadline_misses >= policy.local_misses_before_skip > 0)
+        return failing and not self.probe
 
 
 @dataclass(frozen=True)
@@ -79,8 +98,8 @@ def decide(
     policy: PolicyConfig,
 ) -> Decision:
     est = estimate(shape, manifest, profile)
-    if not health.available or health.consecutive_failures >= policy.local_failures_before_skip > 0:
-        return unavailable_decision(_health_reason(health), policy, est)
+    if health.skips_local(policy):
+        return unavailable_decision(_health_reason(health, policy), policy, est)
     problems = oversize_reasons(shape, manifest, profile, est, policy)
     if problems:
         return _away(problems, "oversize", policy, est)
@@ -89,9 +108,9 @@ def decide(
         f"{_n(shape.prompt_tokens + shape.max_new_tokens)} of {_n(est.context_limit)} tokens, "
         f"peak {_gb(est.peak_memory_bytes)} of {_gb(profile.memory_budget_bytes)}, ~{est.total_s:.1f} s predicted"
     )
-    if policy.never_cloud:
-        reason += "; never-cloud is on, so there is no cloud fallback"
-    return Decision("local", "fits", reason, fallback_allowed=not policy.never_cloud, estimate=est)
+    if policy.cloud_off:
+        reason += f"; {policy.cloud_off_reason}, so there is no cloud fallback"
+    return Decision("local", "fits", reason, fallback_allowed=not policy.cloud_off, estimate=est)
 
 
 def unavailable_decision(why: str, policy: PolicyConfig, est: Estimate | None = None, *,
@@ -108,16 +127,18 @@ def fallback_decision(previous: Decision, error: BaseException, policy: PolicyCo
 
 def _away(problems: list[str], code: str, policy: PolicyConfig, est: Estimate | None) -> Decision:
     reason = "; ".join(problems)
-    if policy.never_cloud:
-        return Decision("refuse", code, f"{reason}; never-cloud is on, so it cannot go to the cloud",
+    if policy.cloud_off:
+        return Decision("refuse", code, f"{reason}; {policy.cloud_off_reason}, so it cannot go to the cloud",
                         fallback_allowed=False, estimate=est)
     return Decision("cloud", code, reason, fallback_allowed=False, estimate=est)
 
 
-def _health_reason(health: LocalHealth) -> str:
+def _health_reason(health: LocalHealth, policy: PolicyConfig) -> str:
     if not health.available:
         return f"local engine unavailable: {health.last_error or 'no bundle loaded'}"
-    return f"local inference failed {health.consecutive_failures} times in a row (last: {health.last_error})"
+    if health.consecutive_failures >= policy.local_failures_before_skip > 0:
+        return f"local inference failed {health.consecutive_failures} times in a row (last: {health.last_error})"
+    return f"local engine missed the first-token deadline {health.deadline_misses} times in a row"
 
 
 def estimate(shape: RequestShape, manifest: Mapping[str, Any], profile: DeviceProfile) -> Estimate:

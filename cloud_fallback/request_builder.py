@@ -5,6 +5,10 @@ SmolVLM's chat turns become OpenAI messages: a user turn is a list of content pa
 order of the turn); system and assistant turns become plain strings.  A cloud *target* is a Hub model
 id with an optional routing suffix: ``:fastest``, ``:cheapest`` or ``:<provider>``; the router reads
 the suffix, so the target is sent as the ``model`` field unchanged.
+
+Images are prepared for upload once per request (``to_openai_messages``), not per attempt: one over
+``UploadConfig.max_pixels`` or ``max_bytes``, or in a format the sniffer does not know, is downscaled and
+re-encoded as JPEG; a smaller JPEG/PNG/WebP/GIF/BMP is sent as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 from smoledge import __version__
 from smoledge.errors import ImageError, VideoError
 from smoledge.runtime.types import ChatRequest, ImagePart, Message, TextPart, VideoPart
+
+from .config import UploadConfig
 
 ROUTING_POLICIES = ("fastest", "cheapest", "preferred")
 _IMAGE_MAGIC = (
@@ -67,16 +73,17 @@ def auth_headers(token: str, bill_to: str | None) -> dict[str, str]:
 
 
 def build_chat_call(request: ChatRequest, target: str, *, base_url: str, token: str,
-                    bill_to: str | None = None) -> HttpCall:
+                    bill_to: str | None = None, messages: list[dict[str, Any]] | None = None) -> HttpCall:
+    """The POST for one target; pass ``messages`` (from ``to_openai_messages``) to encode the images only once."""
     headers = {**auth_headers(token, bill_to), "Accept": "text/event-stream", "Content-Type": "application/json"}
-    return HttpCall("POST", chat_url(base_url), headers, chat_payload(request, target))
+    return HttpCall("POST", chat_url(base_url), headers, chat_payload(request, target, messages))
 
 
-def chat_payload(request: ChatRequest, target: str) -> dict[str, Any]:
+def chat_payload(request: ChatRequest, target: str, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     s = request.sampling
     payload: dict[str, Any] = {
         "model": target,
-        "messages": to_openai_messages(request.messages),
+        "messages": to_openai_messages(request.messages) if messages is None else messages,
         "max_tokens": s.max_new_tokens,
         "temperature": s.temperature,
         "stream": True,
@@ -91,39 +98,67 @@ def chat_payload(request: ChatRequest, target: str) -> dict[str, Any]:
     return payload
 
 
-def to_openai_messages(messages: tuple[Message, ...] | list[Message]) -> list[dict[str, Any]]:
-    return [_message(m) for m in messages]
+def to_openai_messages(messages: tuple[Message, ...] | list[Message],
+                       uploads: UploadConfig | None = None) -> list[dict[str, Any]]:
+    uploads = uploads or UploadConfig()
+    return [_message(m, uploads) for m in messages]
 
 
-def _message(message: Message) -> dict[str, Any]:
+def _message(message: Message, uploads: UploadConfig) -> dict[str, Any]:
     if message.role != "user":
         if any(not isinstance(p, TextPart) for p in message.content):
             raise ImageError(f"a {message.role} turn holds an image or video",
                              hint="put images and videos in user turns only")
         return {"role": message.role, "content": "".join(p.text for p in message.content)}
-    return {"role": "user", "content": [_part(p) for p in message.content]}
+    return {"role": "user", "content": [_part(p, uploads) for p in message.content]}
 
 
-def _part(part: TextPart | ImagePart | VideoPart) -> dict[str, Any]:
+def _part(part: TextPart | ImagePart | VideoPart, uploads: UploadConfig) -> dict[str, Any]:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
-        return {"type": "image_url", "image_url": {"url": image_data_url(part.image)}}
+        return {"type": "image_url", "image_url": {"url": image_data_url(part.image, uploads)}}
     return {"type": "video_url", "video_url": {"url": video_data_url(part.video)}}
 
 
-def image_data_url(image: Any) -> str:
-    """A ``data:`` URL for a path, encoded bytes or a PIL image (re-encoded only when the format is unknown)."""
+def image_data_url(image: Any, uploads: UploadConfig | None = None) -> str:
+    """A ``data:`` URL for a path, encoded bytes or a PIL image, downscaled and re-encoded where ``uploads`` says."""
+    uploads = uploads or UploadConfig()
     if isinstance(image, (str, Path)):
-        data = _read(Path(image), ImageError, "image")
+        data: bytes | None = _read(Path(image), ImageError, "image")
     elif isinstance(image, (bytes, bytearray)):
         data = bytes(image)
     else:
-        return _pil_data_url(image)
-    mime = sniff_image_mime(data)
-    if mime is None:
-        return _pil_data_url(_decode(data))
-    return _data_url(mime, data)
+        data = None
+    decoded = _decode(data) if data is not None else image
+    if not hasattr(decoded, "save") or not hasattr(decoded, "size"):
+        raise ImageError(f"cannot send a {type(image).__name__} as an image", hint="pass a path, bytes or PIL image")
+    mime = sniff_image_mime(data) if data is not None else None
+    width, height = decoded.size
+    if mime is not None and width * height <= uploads.max_pixels and len(data) <= uploads.max_bytes:
+        return _data_url(mime, data)
+    return _data_url("image/jpeg", jpeg_for_upload(decoded, uploads))
+
+
+def jpeg_for_upload(image: Any, uploads: UploadConfig) -> bytes:
+    """``image`` (upright, RGB) within ``max_pixels`` as a JPEG, shrunk further until it fits ``max_bytes``."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = ImageOps.exif_transpose(image)
+        image = image.convert("RGB") if image.mode != "RGB" else image
+    except OSError as err:
+        raise ImageError("image bytes are not a readable image", hint="send JPEG, PNG, WebP, GIF or BMP") from err
+    scale = min(1.0, (uploads.max_pixels / max(1, image.width * image.height)) ** 0.5)
+    for _ in range(6):
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        fitted = image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
+        buf = io.BytesIO()
+        fitted.save(buf, format="JPEG", quality=uploads.jpeg_quality, optimize=True)
+        if buf.tell() <= uploads.max_bytes:
+            break
+        scale *= 0.75
+    return buf.getvalue()
 
 
 def video_data_url(video: Any) -> str:
@@ -154,25 +189,13 @@ def _read(path: Path, error: type, what: str) -> bytes:
 
 
 def _decode(data: bytes):
+    """The image in ``data``, opened lazily (its size is read; pixels only when it must be re-encoded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
+        return Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError) as err:
         raise ImageError("image bytes are not a readable image", hint="send JPEG, PNG, WebP, GIF or BMP") from err
-
-
-def _pil_data_url(image: Any) -> str:
-    if not hasattr(image, "save") or not hasattr(image, "mode"):
-        raise ImageError(f"cannot send a {type(image).__name__} as an image", hint="pass a path, bytes or PIL image")
-    buf = io.BytesIO()
-    if image.mode == "RGB":
-        image.save(buf, format="JPEG", quality=92)
-        return _data_url("image/jpeg", buf.getvalue())
-    image.save(buf, format="PNG")
-    return _data_url("image/png", buf.getvalue())
 
 
 def _data_url(mime: str, data: bytes) -> str:

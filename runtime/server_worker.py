@@ -1,7 +1,9 @@
 """The serving core of ``smoledge serve``: one model, a bounded queue, one worker thread per request.
 
 :class:`Service` owns the local engine (one model instance), the router config, one
-:class:`CloudFallback` (so cooldowns outlive a request) and the local health across requests.
+:class:`CloudFallback` (so cooldowns outlive a request) and the local health across requests (a
+:class:`HealthTracker`: after repeated local failures it sends requests away, then lets one try local
+again after a cool-off).
 ``Service.admit(request, loop)`` returns a started :class:`Job`, or None when the server is full
 (in flight = running + waiting >= capacity).  A job runs the local-first entry point ``answer(...)``
 in its own thread and hands events to the event loop: ``("chunk", StreamChunk)`` ..., then one of
@@ -23,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from smoledge.cloud_fallback import CloudFallback, Ledger, LocalHealth, RouterConfig, answer
+from smoledge.cloud_fallback import CloudFallback, HealthTracker, LocalHealth, RouterConfig, answer
 from smoledge.runtime.server_protocol import Route, Usage
 from smoledge.runtime.types import ChatRequest, RequestShape, StreamChunk
 
@@ -134,22 +136,18 @@ class Service:
         self.engine, self.config, self.model_id = engine, config, model_id
         self.gate = ModelGate()
         self.admission = Admission(capacity=queue_size + 1)
-        self.cloud = cloud or CloudFallback(
-            config.cloud, project=config.ledger.project,
-            ledger=Ledger(config.ledger.path) if config.ledger.enabled else None)
+        self.cloud = cloud or CloudFallback.from_config(config)
         self.jobs: set[Job] = set()
         self.draining = False
-        self._health = LocalHealth()
+        self.tracker = HealthTracker(config.policy)
         self._lock = threading.Lock()
 
     @property
     def health(self) -> LocalHealth:
-        with self._lock:
-            return self._health
+        return self.tracker.current
 
     def update_health(self, result: Any) -> None:
-        with self._lock:
-            self._health = result.next_health(self._health)
+        self.tracker.record(result.local_tried, result.local_error, probe=result.health.probe)
 
     def admit(self, request: ChatRequest, loop: asyncio.AbstractEventLoop) -> Job | None:
         if self.draining or not self.admission.try_enter():
@@ -184,7 +182,7 @@ class Service:
                 "in_flight": self.admission.in_flight, "capacity": self.admission.capacity,
                 "waiting_for_model": self.gate.waiting,
                 "local": {"available": health.available, "consecutive_failures": health.consecutive_failures,
-                          "last_error": health.last_error or None}}
+                          "deadline_misses": health.deadline_misses, "last_error": health.last_error or None}}
 
 
 class Job:
@@ -226,8 +224,9 @@ class Job:
 
     def _run(self) -> None:
         started, result, final = time.monotonic(), None, ("cancelled", None)
+        health = self.service.tracker.begin()
         try:
-            result = answer(self.request, self.engine, config=self.service.config, health=self.service.health,
+            result = answer(self.request, self.engine, config=self.service.config, health=health,
                             cloud=self.service.cloud, on_decision=self._on_decision)
             final = self._consume(result)
         except BaseException as err:  # every failure goes to the client as an HTTP error
@@ -237,6 +236,8 @@ class Job:
             if result is not None:
                 result.close()
                 self.service.update_health(result)
+            elif health.probe:
+                self.service.tracker.record(False, None, probe=True)  # refused before it ran: free the probe
             self.service.finished(self, time.monotonic() - started)  # before the last event: a client that
             self._emit(*final)  # sends its next request at once finds the place free
 

@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Tests never reach the internet: no Hub, and no cloud unless a test points the client at its own
-# router on 127.0.0.1 (tests/test_cloud_fakes.py).  Subprocesses inherit both.
+# router on 127.0.0.1 (tests/test_cloud_fakes.py).  Subprocesses inherit both.  HF_HUB_OFFLINE also
+# means never-cloud, so the fake router's fixtures clear it for the test that uses them.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["SMOLEDGE_NO_CLOUD"] = "1"
 os.environ.pop("HF_TOKEN", None)

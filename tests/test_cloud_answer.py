@@ -14,6 +14,7 @@ from test_cloud_fakes import (  # noqa: F401
     CannedEngine,
     Reply,
     make_config,
+    online,
     request_with_images,
     router,
 )
@@ -118,7 +119,7 @@ def test_local_failing_and_cloud_down_names_both_causes(tmp_path, router):  # no
     assert isinstance(info.value.local_cause, MemoryError)
 
 
-def test_local_failing_and_cloud_unreachable_names_both_causes(tmp_path):
+def test_local_failing_and_cloud_unreachable_names_both_causes(tmp_path, online):  # noqa: F811
     cfg = make_config(tmp_path, base_url="http://127.0.0.1:9/v1", attempts=1)
     with pytest.raises(FallbackFailedError, match="kernel crashed.*cannot reach the cloud router"):
         list(answer(request_with_images(1), CannedEngine(fail=BackendError("kernel crashed")), config=cfg))
@@ -181,9 +182,10 @@ def test_prompts_images_and_the_token_are_never_logged_or_stored(tmp_path, route
     cfg = make_config(tmp_path, router)
     answer_text(request_with_images(2), CannedEngine(tiles_per_image=17), config=cfg)
     answer_text(request_with_images(1), CannedEngine(fail=BackendError("boom")), config=cfg)
-    stored = (tmp_path / "ledger.sqlite").read_bytes()
     assert len(list(Ledger(tmp_path / "ledger.sqlite").entries())) == 3
-    for secret in (TOKEN, PROMPT, "harbour", CLOUD_TEXT, "base64"):
+    files = sorted(p for p in tmp_path.iterdir() if p.is_file())  # the ledger (WAL mode) and the /models listing
+    assert {p.name for p in files} <= {"ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "cloud_models.json"}
+    stored = b"".join(p.read_bytes() for p in files)
+    for secret in (TOKEN, PROMPT, "harbour", CLOUD_TEXT, "base64", "Too many requests"):
         assert secret.encode() not in stored
         assert secret not in caplog.text
-    assert not any(p.name != "ledger.sqlite" for p in tmp_path.iterdir() if p.is_file())

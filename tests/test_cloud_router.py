@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from test_cloud_fakes import CLOUD_TEXT, TOKEN, Reply, make_config, request_with_images, router  # noqa: F401
+from test_cloud_fakes import CLOUD_TEXT, TOKEN, Reply, make_config, online, request_with_images, router  # noqa: F401
 
 from smoledge.cloud_fallback import CloudFallback, Ledger
 from smoledge.cloud_fallback.policy import Decision
@@ -161,7 +161,7 @@ def test_cooldown_skips_a_failing_model_on_the_next_request(cloud, router):  # n
     assert router.chat_requests()[-1].body["model"] == SMALL
 
 
-def test_unreachable_router_is_unavailable(tmp_path):
+def test_unreachable_router_is_unavailable(tmp_path, online):  # noqa: F811
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -66,7 +66,9 @@ def start_server(engine, config: RouterConfig, *, settings: ServerSettings | Non
 
 @pytest.fixture(scope="module")
 def module_router():
-    """The cloud tests' fake HF router, on 127.0.0.1, shared by a module's tests."""
+    """The cloud tests' fake HF router, on 127.0.0.1, shared by a module's tests (HF_HUB_OFFLINE cleared)."""
+    patch = pytest.MonkeyPatch()
+    patch.delenv("HF_HUB_OFFLINE", raising=False)
     handler = type("Handler", (_Handler,), {})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
@@ -77,6 +79,7 @@ def module_router():
     yield fake
     server.shutdown()
     server.server_close()
+    patch.undo()
 
 
 class CountingEngine(CannedEngine):
