@@ -77,8 +77,12 @@ def safe_code(value: str | None) -> str | None:
 
 
 def token_allowed(base_url: str) -> bool:
-    """The token may go to https URLs, or to a loopback host over plain http."""
-    parsed = urlparse(base_url)
+    """The token may go to https URLs, or to a loopback host over plain http (False for a URL that does not parse)."""
+    try:
+        parsed = urlparse(base_url)
+        parsed.hostname  # noqa: B018 - raises ValueError for a broken IPv6 literal
+    except ValueError:
+        return False
     if parsed.scheme == "https":
         return True
     host = (parsed.hostname or "").lower()
@@ -98,7 +102,10 @@ class RouterClient:
 
         self._httpx = httpx2
         self.config = config
-        self._host = urlparse(config.base_url).netloc or config.base_url
+        try:
+            self._host = urlparse(config.base_url).netloc or config.base_url
+        except ValueError:
+            self._host = config.base_url
         self._http = httpx2.Client(follow_redirects=False)
 
     def __enter__(self) -> RouterClient:

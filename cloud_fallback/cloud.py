@@ -289,5 +289,6 @@ def _all_failed(failures: list[tuple[str, CloudError]]) -> CloudError:
     last = failures[-1][1]
     if len(failures) == 1:
         return last
-    causes = "; ".join(f"{target}: {err.message}" for target, err in failures)
+    causes = "; ".join(err.message if err.message.startswith(target) else f"{target}: {err.message}"
+                       for target, err in failures)
     return tag(type(last)(f"no cloud model could answer ({causes})", hint=last.hint), getattr(last, "status", "error"))

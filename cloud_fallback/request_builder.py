@@ -151,7 +151,7 @@ def jpeg_for_upload(image: Any, uploads: UploadConfig) -> bytes:
         raise ImageError("image bytes are not a readable image", hint="send JPEG, PNG, WebP, GIF or BMP") from err
     scale = min(1.0, (uploads.max_pixels / max(1, image.width * image.height)) ** 0.5)
     for _ in range(6):
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         fitted = image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
         buf = io.BytesIO()
         fitted.save(buf, format="JPEG", quality=uploads.jpeg_quality, optimize=True)
