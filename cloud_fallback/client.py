@@ -58,6 +58,7 @@ class CallRecord:
     tokens_out: int | None = None
     latency_s: float = 0.0
     answered: bool = False  # the 200 status line arrived: the provider is generating (and billing)
+    limit_code: str = "timeout"  # what running past the call's time limit is: its own timeout, or the budget
 
 
 _SAFE_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -139,7 +140,8 @@ class RouterClient:
         self._check_secure()
         started = time.monotonic()
         limit = started + self.config.total_timeout_s
-        limit = limit if deadline is None else min(limit, deadline)
+        if deadline is not None and deadline < limit:
+            limit, record.limit_code = deadline, "budget"
         try:
             with self._http.stream(call.method, call.url, headers=call.headers, json=call.json,
                                    timeout=self._timeout(limit)) as response:
@@ -263,7 +265,7 @@ def _past(limit: float, record: CallRecord) -> None:
     if time.monotonic() > limit:
         raise tag(CloudUnavailableError(f"{record.target}: the answer did not finish within the time allowed",
                                         hint="raise --deadline / SMOLEDGE_CLOUD_BUDGET_S or ask for fewer tokens"),
-                  "budget")
+                  record.limit_code)
 
 
 def _read_all(response: Any, record: CallRecord, limit: float) -> bytes:

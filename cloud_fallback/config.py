@@ -205,12 +205,16 @@ def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | N
         budget_s=_env_number(env, "SMOLEDGE_CLOUD_BUDGET_S", CloudConfig.budget_s, minimum=0.001),
     )
     project = getattr(args, "project", None) or env.get("SMOLEDGE_PROJECT") or "default"
-    cap = env.get("SMOLEDGE_SPEND_CAP_USD", "").strip()
-    ledger = LedgerConfig(path=ledger_path(cache_dir), project=project,
-                          spend_cap_usd=_env_number(env, "SMOLEDGE_SPEND_CAP_USD", 0.0) if cap else None,
-                          spend_cap_period=env.get("SMOLEDGE_SPEND_CAP_PERIOD", "").strip().lower() or "day")
     return RouterConfig(profile=load_profile(profile_name, cache_dir=cache_dir), policy=policy, cloud=cloud,
-                        ledger=ledger, cache_dir=cache_dir)
+                        ledger=ledger_config_from_env(env, cache_dir, project), cache_dir=cache_dir)
+
+
+def ledger_config_from_env(env: Mapping[str, str], cache_dir: Path, project: str = "default") -> LedgerConfig:
+    """The ledger in ``cache_dir``, with the spend cap of ``SMOLEDGE_SPEND_CAP_USD`` / ``_PERIOD``."""
+    cap = env.get("SMOLEDGE_SPEND_CAP_USD", "").strip()
+    return LedgerConfig(path=ledger_path(cache_dir), project=project,
+                        spend_cap_usd=_env_number(env, "SMOLEDGE_SPEND_CAP_USD", 0.0) if cap else None,
+                        spend_cap_period=env.get("SMOLEDGE_SPEND_CAP_PERIOD", "").strip().lower() or "day")
 
 
 def hub_offline(env: Mapping[str, str] | None = None) -> bool:
@@ -230,5 +234,5 @@ def _env_number(env: Mapping[str, str], name: str, default: float, *, minimum: f
     except ValueError:
         value = float("nan")
     if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"{name}={text!r} is not a number >= {minimum:g}", hint=f"e.g. {name}=120")
+        raise ConfigError(f"{name}={text!r} is not a number >= {minimum:g}", hint=f"e.g. {name}=5")
     return value

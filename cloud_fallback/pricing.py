@@ -128,3 +128,11 @@ def _write_cache(cache: Path | None, base_url: str, now: float, listing: list) -
         tmp.replace(cache)
     except (OSError, TypeError, ValueError) as err:
         log.warning("could not cache the cloud model listing in %s: %s", cache, err)
+
+
+def cached_price_book(cache: Path) -> PriceBook:
+    """The last listing cached on disk, however old (for ``smoledge usage``, which never goes online)."""
+    try:
+        return PriceBook.from_listing(list(json.loads(cache.read_text(encoding="utf-8"))["data"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return PriceBook()

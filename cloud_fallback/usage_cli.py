@@ -1,13 +1,18 @@
-"""``smoledge usage``: totals of the cloud usage ledger by project, model, provider or day, and CSV export."""
+"""``smoledge usage``: totals of the cloud usage ledger by project, model, provider or day, CSV export, and
+where each project stands against the spend cap (``SMOLEDGE_SPEND_CAP_USD``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
-from .config import default_cache_dir, ledger_path
+from .config import default_cache_dir, ledger_config_from_env, ledger_path
 from .ledger import GROUPINGS, Ledger, Total
+from .pricing import Price, cached_price_book
+from .spend import SpendCap
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +25,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    ledger = Ledger(args.ledger or ledger_path(default_cache_dir()))
+    cache_dir = default_cache_dir()
+    ledger = Ledger(args.ledger or ledger_path(cache_dir))
+    cap = SpendCap.from_config(ledger_config_from_env(os.environ, cache_dir))
     if args.csv is not None:
         if args.csv == "-":
             ledger.export_csv(sys.stdout, project=args.project, since=args.since)
@@ -32,9 +39,27 @@ def main(args: argparse.Namespace) -> int:
     totals = ledger.totals(args.by, project=args.project, since=args.since)
     if not totals:
         print(f"no cloud calls recorded in {ledger.path}")
-        return 0
-    print(render(totals, args.by))
+    else:
+        print(render(totals, args.by))
+    if cap is not None:
+        print(render_cap(cap, ledger, cached_price_book(cache_dir / "cloud_models.json").highest(), args.project))
     return 0
+
+
+def render_cap(cap: SpendCap, ledger: Ledger, highest: Price | None, project: str | None) -> str:
+    """Each project's spend this period against the cap (unknown costs at the highest cached price)."""
+    since = cap.since(datetime.now(UTC).date())
+    projects = sorted({e.project for e in ledger.entries(project=project, since=since)})
+    lines = [f"spend cap: ${cap.usd:g} {cap.label} per project (SMOLEDGE_SPEND_CAP_USD), since {since}"]
+    high = highest or Price(0.0, 0.0)
+    for name in projects:
+        spend = ledger.spend(name, since, max_in=high.input_per_million, max_out=high.output_per_million)
+        unknown = f", {spend.unknown_calls} calls of unknown cost at the highest price" if spend.unknown_calls else ""
+        lines.append(f"  {name}: ${spend.worst_case_usd:.4f} of ${cap.usd:g} "
+                     f"({100 * spend.worst_case_usd / cap.usd if cap.usd else 100:.0f}%){unknown}")
+    if not projects:
+        lines.append("  nothing spent yet")
+    return "\n".join(lines)
 
 
 def render(totals: list[Total], by: str) -> str:

@@ -95,10 +95,10 @@ def test_slow_answer_past_the_timeout_is_retried(cloud, router):  # noqa: F811
     assert _statuses(cloud)[0] == (LARGE, "timeout")
 
 
-def test_connection_dropped_before_any_text_is_retried(cloud, router):  # noqa: F811
-    router.push(Reply("drop_early"))
+def test_connection_dropped_before_any_text_moves_on_without_a_retry(cloud, router):  # noqa: F811
+    router.push(Reply("drop_early"))  # after the 200: the provider may be generating (and billing) already
     assert _run(cloud) == CLOUD_TEXT
-    assert [s for _, s in _statuses(cloud)] == ["dropped", "ok"]
+    assert _statuses(cloud) == [(LARGE, "dropped"), (SMALL, "ok")]
 
 
 def test_connection_dropped_mid_answer_ends_the_stream_without_a_duplicate(cloud, router):  # noqa: F811
