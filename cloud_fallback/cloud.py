@@ -25,6 +25,7 @@ trickle: the caller's deadline, else ``CloudConfig.budget_s``.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -101,7 +102,7 @@ class CloudFallback:
         self._clock, self._sleep, self._rng = clock, sleep, rng or random.Random()
         self._client: RouterClient | None = None
         self._prices: tuple[float, PriceBook] | None = None  # (monotonic time fetched, book)
-        self._token: str | None = None
+        self._lock = threading.Lock()  # a server's request threads share one fallback
 
     @staticmethod
     def from_config(config: RouterConfig, **kwargs: Any) -> CloudFallback:
@@ -111,14 +112,16 @@ class CloudFallback:
                              spend_cap=SpendCap.from_config(config.ledger), cache_dir=config.cache_dir, **kwargs)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     def client(self) -> RouterClient:
-        if self._client is None:
-            self._client = RouterClient(self.config)
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = RouterClient(self.config)
+            return self._client
 
     def token(self) -> str:
         if self.config.token is not None:
@@ -143,8 +146,8 @@ class CloudFallback:
             raise CloudDisabledError("HF_HUB_OFFLINE is set, so nothing is sent to the cloud",
                                      hint="unset HF_HUB_OFFLINE to allow the cloud fallback")
         end = deadline if deadline is not None else self._clock() + self.config.budget_s
-        token = self._token = self.token()
-        book = self._price_book(end)
+        token = self.token()
+        book = self._price_book(end, token)
         messages = to_openai_messages(request.messages, self.config.uploads)  # once, not per attempt or target
         failures: list[tuple[str, CloudError]] = []
         for target in targets:
@@ -253,12 +256,12 @@ class CloudFallback:
             max_tokens=max_tokens,
         ))
 
-    def _price_book(self, end: float) -> PriceBook:
+    def _price_book(self, end: float, token: str) -> PriceBook:
         """Prices and windows from ``/models``: kept in-process and on disk for ``models_ttl_s``."""
-        now = self._clock()
-        if self._prices is not None and now - self._prices[0] < self._prices_ttl(self._prices[1]):
-            return self._prices[1]
-        book = fetch_price_book(self.client(), self._token, cache=self._listing_cache, now=time.time(),
+        now, cached = self._clock(), self._prices
+        if cached is not None and now - cached[0] < self._prices_ttl(cached[1]):
+            return cached[1]
+        book = fetch_price_book(self.client(), token, cache=self._listing_cache, now=time.time(),
                                 ttl_s=self.config.models_ttl_s, deadline=min(end, now + self.config.pricing_timeout_s))
         self._prices = (now, book)
         return book

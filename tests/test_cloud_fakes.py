@@ -12,7 +12,6 @@ test that uses them, since their traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import socket

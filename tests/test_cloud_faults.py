@@ -124,9 +124,9 @@ class _Clock:
         return self.now
 
 
-def _fail(tracker, error=BackendError("kernel crashed")):
+def _fail(tracker):
     health = tracker.begin()
-    tracker.record(True, error, probe=health.probe)
+    tracker.record(True, BackendError("kernel crashed"), probe=health.probe)
     return health
 
 
