@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from smoledge.errors import (
     BackendError,
+    CloudCreditError,
     CloudDisabledError,
     CloudError,
     DeadlineExceededError,
@@ -150,7 +151,30 @@ class Answer(Iterator[StreamChunk]):
                 raise _rewrite(local_error, f"{self.policy.cloud_off_reason}, so there is no cloud fallback") \
                     from local_error
             self._set(fallback_decision(self.decision, local_error, self.policy))
-        yield from self._cloud_stream(local_error)
+        try:
+            yield from self._cloud_stream(local_error)
+        except CloudCreditError as err:
+            local = self._local_instead(err)
+            if local is None:
+                raise
+            self._set(local)
+            try:
+                yield from self._local()
+            except _EarlyFailure as early:
+                self.local_error = early.error
+                raise _rewrite(early.error, "the cloud spend cap is reached, so there is no cloud fallback") \
+                    from early.error
+
+    def _local_instead(self, err: CloudCreditError) -> Decision | None:
+        """Over the spend cap, a request that was sent away only because local looked unhealthy runs locally."""
+        if getattr(err, "status", "") != "spend_cap" or self.local_tried or self.engine is None or self.shape is None:
+            return None
+        fits = decide(self.shape, self.engine.manifest, self.config.profile, LocalHealth(), self.policy)
+        if fits.route != "local":
+            return None
+        cap = err.__cause__ if isinstance(err.__cause__, CloudCreditError) else err  # without the routing note
+        return Decision("local", "spend-cap", f"{cap.message}; answered locally instead ({fits.reason})",
+                        fallback_allowed=False, estimate=fits.estimate)
 
     def _local(self) -> Iterator[StreamChunk]:
         assert self.engine is not None

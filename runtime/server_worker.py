@@ -221,6 +221,8 @@ class Job:
         self.route = Route(decision.route, decision.code, decision.reason)
         if decision.route != "local":
             self.engine.stop.set()  # a local run still waiting for the model is not needed any more
+        elif not self.cancelled:
+            self.engine.stop.clear()  # back to local (over the spend cap): the model is needed after all
 
     def _run(self) -> None:
         started, result, final = time.monotonic(), None, ("cancelled", None)

@@ -111,3 +111,20 @@ def test_usage_shows_the_spend_against_the_cap(tmp_path, router, monkeypatch, ca
     worst = (1200 * 0.5 + 8 * 1.5) / 1e6 + 1000 * HIGHEST_OUT / 1e6
     assert f"alpha: ${worst:.4f} of $0.5 (0%), 1 calls of unknown cost at the highest price" in out
     assert TOKEN not in out
+
+
+def test_over_the_cap_a_request_that_fits_is_answered_locally(tmp_path, router):  # noqa: F811
+    from test_cloud_fakes import LOCAL_TEXT
+
+    from smoledge.cloud_fallback import LocalHealth
+
+    cfg = _config(tmp_path, router, cap=0.0)
+    unhealthy = LocalHealth(consecutive_failures=3, last_error="kernel crashed")  # would send it away
+    engine = CannedEngine()
+    reply = answer_text(request_with_images(1), engine, config=cfg, health=unhealthy)
+    assert reply.text == LOCAL_TEXT and engine.streams == 1 and router.chat_requests() == []
+    assert [d.code for d in reply.decisions] == ["local-unhealthy", "spend-cap"]
+    assert "spend cap of $0 for project 'test' is reached" in reply.decision.reason
+    assert "not sent; answered locally instead (fits raspberry-pi-5-4gb: " in reply.decision.reason
+    with pytest.raises(CloudCreditError, match="spend cap"):  # one that does not fit is refused
+        _oversized(cfg)
