@@ -185,6 +185,9 @@ class CloudFallback:
     def _try_target(self, call, request: ChatRequest, target: str, decision: Decision, book: PriceBook,
                     end: float, failures: list) -> Iterator[StreamChunk]:
         for attempt in range(self.config.retry.attempts):
+            if end - self._clock() <= 0:  # nothing sent, so no ledger row
+                failures.append((target, _budget_error(None)))
+                raise _OutOfTime()
             if self.spend_cap is not None:
                 self.spend_cap.check(self.ledger, self.project, datetime.now(UTC).date(), book.highest(),
                                      request.sampling.max_new_tokens)

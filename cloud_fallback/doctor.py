@@ -17,7 +17,7 @@ from pathlib import Path
 from smoledge.errors import BackendUnavailableError, ConfigError
 
 from .calibrate import calibrate, capabilities
-from .config import default_cache_dir, env_flag
+from .config import default_cache_dir, env_flag, hub_offline
 from .profiles import DeviceProfile, detect_machine, load_profile, profile_names, save_calibration
 
 
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     cache_dir = default_cache_dir()
     name = args.profile or os.environ.get("SMOLEDGE_PROFILE") or "auto"
     report: dict = {"machine": asdict(detect_machine()), "cache_dir": str(cache_dir),
-                    "never_cloud": env_flag(os.environ, "SMOLEDGE_NO_CLOUD")}
+                    "never_cloud": env_flag(os.environ, "SMOLEDGE_NO_CLOUD"), "offline": hub_offline()}
     if args.bundle is not None:
         engine = load_engine(args.bundle)
         if args.calibrate:
@@ -79,7 +79,7 @@ def render(report: dict, profile: DeviceProfile) -> str:
         f"  backend {profile.backend} with {profile.execution_provider}",
         f"  speed ({profile.speed.source}): {profile.speed.tile_encode_s:.3g} s per tile, "
         f"{profile.speed.prefill_tok_s:.4g} prompt tok/s, {profile.speed.decode_tok_s:.4g} new tok/s",
-        f"  cloud fallback: {'OFF (SMOLEDGE_NO_CLOUD)' if report['never_cloud'] else 'allowed'}",
+        f"  cloud fallback: {_cloud_state(report)}",
     ]
     bundle = report.get("bundle")
     if bundle:
@@ -96,6 +96,12 @@ def render(report: dict, profile: DeviceProfile) -> str:
     elif profile.speed.source in ("estimated", "profile"):
         lines.append("speed figures are not measured here; run `smoledge doctor --bundle B --calibrate`")
     return "\n".join(lines)
+
+
+def _cloud_state(report: dict) -> str:
+    if report["never_cloud"]:
+        return "OFF (SMOLEDGE_NO_CLOUD)"
+    return "OFF (HF_HUB_OFFLINE)" if report.get("offline") else "allowed"
 
 
 def _gb(value: int) -> str:

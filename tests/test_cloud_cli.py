@@ -125,3 +125,12 @@ def test_usage_csv_to_stdout(env, capsys):
     assert cli.main(["usage", "--csv", "-"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0][:3] == ["time", "day", "project"] and rows[1][2] == "gamma"
+
+
+def test_doctor_says_the_cloud_is_off_when_hf_hub_offline_is_set(env, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["doctor"]) == 0
+    assert "cloud fallback: OFF (HF_HUB_OFFLINE)" in capsys.readouterr().out
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert cli.main(["doctor"]) == 0
+    assert "cloud fallback: allowed" in capsys.readouterr().out
