@@ -23,6 +23,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,9 +144,11 @@ class RouterClient:
         limit = started + self.config.total_timeout_s
         if deadline is not None and deadline < limit:
             limit, record.limit_code = deadline, "budget"
+        watchdog = None
         try:
             with self._http.stream(call.method, call.url, headers=call.headers, json=call.json,
                                    timeout=self._timeout(limit)) as response:
+                watchdog = _watchdog(response, limit)
                 record.provider = safe_code(response.headers.get("x-inference-provider")) or record.provider
                 if response.status_code >= 300:
                     response.read()
@@ -153,16 +157,20 @@ class RouterClient:
                 yield from self._read_answer(response, record, limit)
             record.status = "ok"
         except (self._httpx.HTTPError, self._httpx.InvalidURL, self._httpx.StreamError) as err:
-            raise self._transport_error(err, record, deadline) from err
+            raise self._transport_error(err, record, limit) from err
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             record.latency_s = time.monotonic() - started
 
-    def _transport_error(self, err: Exception, record: CallRecord, deadline: float | None) -> CloudError:
+    def _transport_error(self, err: Exception, record: CallRecord, limit: float) -> CloudError:
         name, target = type(err).__name__, record.target
+        if time.monotonic() >= limit - 0.05:  # a read timeout at the limit, or the watchdog's cut
+            what = "the cloud time budget" if record.limit_code == "budget" else "the call's total timeout"
+            return tag(CloudUnavailableError(f"{target}: no complete answer within {what} ({name})",
+                                             hint="raise --deadline or SMOLEDGE_CLOUD_BUDGET_S, or ask for fewer "
+                                                  "tokens"), record.limit_code)
         if isinstance(err, self._httpx.TimeoutException):
-            if deadline is not None and time.monotonic() >= deadline - 0.05:
-                return tag(CloudUnavailableError(f"{target}: no answer within the cloud time budget ({name})",
-                                                 hint="raise --deadline or SMOLEDGE_CLOUD_BUDGET_S"), "budget")
             return tag(CloudUnavailableError(f"{target}: no answer from {self._host} in time ({name})",
                                              hint="check the network, or raise CloudConfig.read_timeout_s"), "timeout")
         if isinstance(err, self._httpx.RemoteProtocolError):
@@ -259,6 +267,26 @@ class RouterClient:
         if not isinstance(models, list):
             raise _malformed("/models", "no data list")
         return models
+
+
+def _watchdog(response: Any, limit: float) -> threading.Timer | None:
+    """Cut the connection at ``limit``, so that a stream that trickles and then stalls cannot outlast it
+    (a read timeout only bounds each silence).  Uses the transport's documented ``network_stream``."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if not isinstance(sock, socket.socket):
+        return None
+    timer = threading.Timer(max(0.0, limit - time.monotonic()), _cut, args=(sock,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _cut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read, which then fails and is mapped above
+    except OSError:
+        pass
 
 
 def _past(limit: float, record: CallRecord) -> None:

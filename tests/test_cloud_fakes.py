@@ -68,7 +68,7 @@ class Reply:
     drop | drop_early | malformed | malformed_body | stream_error (an error event with ``error_type``,
     before any text) | done_only (``data: [DONE]`` alone) | noisy (SSE comments, ``event:`` lines, CRLF,
     a split ``data:`` event) | no_usage | trickle (200, then only keep-alive comments and empty deltas,
-    one every ``delay_s``, for ``hold_s``) | silent (reads the request, then says nothing for ``hold_s``) |
+    one every ``delay_s``, for ``hold_s``; then ``then_silent_s`` of silence) | silent (reads the request, then says nothing for ``hold_s``) |
     gzip_garbage (a body that does not decompress) | redirect (302)
     """
 
@@ -81,6 +81,7 @@ class Reply:
     error_type: str = "validation"  # for stream_error
     finish: str = "stop"  # the finish_reason of the last event
     hold_s: float = 4.0  # how long silent / trickle keep the connection
+    then_silent_s: float = 0.0  # trickle: then say nothing for this long before ending
 
 
 @dataclass
@@ -204,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
         while time.monotonic() < end:
             self._chunk(": keep-alive\n\n" if int(time.monotonic() * 10) % 2 else f"data: {json.dumps(empty)}\n\n")
             time.sleep(reply.delay_s or 0.1)
+        time.sleep(reply.then_silent_s)
         self._chunk("")
 
     def _reply_silent(self, reply: Reply, body: dict) -> None:

@@ -361,6 +361,16 @@ def test_g_without_a_deadline_the_cloud_budget_bounds_it(tmp_path, router, kind)
     assert time.monotonic() - started < 1.2 + 1.0
 
 
+def test_g_a_trickle_then_a_stall_is_cut_at_the_budget_not_one_read_timeout_later(tmp_path, router):  # noqa: F811
+    # each silence alone is shorter than the read timeout; trickle 1.5 s + one read timeout would be 3.5 s
+    router.push(Reply("trickle", hold_s=1.5, delay_s=0.1, then_silent_s=6.0))
+    cfg = make_config(tmp_path, router, read_timeout_s=5.0, budget_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(CloudUnavailableError, match="cloud time budget"):
+        list(CloudFallback.from_config(cfg).stream(request_with_images(), (LARGE, SMALL), DECISION))
+    assert time.monotonic() - started < 2.0 + 1.0 and _chats(router) == [LARGE]
+
+
 def test_g_a_retry_after_past_the_budget_is_not_slept(cloud, router):  # noqa: F811
     router.push(Reply("429", retry_after="2"))
     with pytest.raises(CloudUnavailableError, match="cloud time budget ran out"):
