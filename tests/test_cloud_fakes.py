@@ -68,8 +68,8 @@ class Reply:
     drop | drop_early | malformed | malformed_body | stream_error (an error event with ``error_type``,
     before any text) | done_only (``data: [DONE]`` alone) | noisy (SSE comments, ``event:`` lines, CRLF,
     a split ``data:`` event) | no_usage | trickle (200, then only keep-alive comments and empty deltas,
-    one every ``delay_s``, for ``hold_s``; then ``then_silent_s`` of silence) | silent (reads the request, then says nothing for ``hold_s``) |
-    gzip_garbage (a body that does not decompress) | redirect (302)
+    one every ``delay_s``, for ``hold_s``; then ``then_silent_s`` of silence) | silent (reads the request,
+    then says nothing for ``hold_s``) | gzip_garbage (a body that does not decompress) | redirect (302)
     """
 
     kind: str = "ok"
