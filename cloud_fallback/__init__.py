@@ -31,8 +31,8 @@ from .engine import LocalEngine
 from .health import HealthTracker
 from .ledger import Ledger
 from .policy import Decision, LocalHealth, decide
-from .spend import SpendCap
 from .profiles import DeviceProfile, SpeedFigures, load_profile, profile_names
+from .spend import SpendCap
 
 __all__ = [
     "Answer", "Reply", "answer", "answer_text", "format_decision", "CloudFallback", "cloud_targets",

@@ -499,3 +499,11 @@ def test_zero_attempts_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"RetryConfig.attempts=0 must be a whole number >= 1"):
         RetryConfig(attempts=0)
     assert CloudConfig(retry=RetryConfig(attempts=1)).retry.attempts == 1
+
+
+def test_the_cloud_budget_comes_from_the_environment(tmp_path):
+    env = {"SMOLEDGE_CACHE_DIR": str(tmp_path), "SMOLEDGE_PROFILE": "raspberry-pi-5-4gb"}
+    assert router_config_from_args(_no_flags(), env).cloud.budget_s == CloudConfig.budget_s == 120.0
+    assert router_config_from_args(_no_flags(), {**env, "SMOLEDGE_CLOUD_BUDGET_S": "30"}).cloud.budget_s == 30.0
+    with pytest.raises(ConfigError, match="SMOLEDGE_CLOUD_BUDGET_S='0'"):
+        router_config_from_args(_no_flags(), {**env, "SMOLEDGE_CLOUD_BUDGET_S": "0"})

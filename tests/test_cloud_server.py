@@ -58,3 +58,23 @@ def test_local_fails_three_times_then_recovers_within_the_cool_off_plus_one_requ
         assert len(router.chat_requests()) == 4
     finally:
         running.stop()
+
+
+def test_a_silent_cloud_frees_the_servers_admission_slot_within_the_budget(tmp_path, router):  # noqa: F811
+    import openai
+    import pytest
+    from test_cloud_fakes import Reply
+    from test_server_fakes import data_url, image_message, png_bytes
+
+    router.push(*[Reply("silent", hold_s=5.0)] * 6)
+    config = make_config(tmp_path, router, profile="raspberry-pi-5-4gb", read_timeout_s=10.0, budget_s=1.0)
+    running = start_server(CountingEngine(tiles_per_image=17), config)
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as err:
+            running.client().chat.completions.create(model="m", messages=[image_message(data_url(png_bytes()))])
+        assert time.monotonic() - started < 1.0 + 1.0
+        assert err.value.status_code == 503 and "cloud time budget" in err.value.message
+        assert httpx2.get(running.url + "/health", timeout=5).json()["in_flight"] == 0
+    finally:
+        running.stop()
