@@ -125,7 +125,7 @@ class RouterClient:
         if left <= 0:
             raise tag(CloudUnavailableError("the cloud time budget was used up before this call",
                                             hint="raise --deadline or SMOLEDGE_CLOUD_BUDGET_S"), "budget")
-        c, r = self.config.connect_timeout_s, read_s or self.config.read_timeout_s
+        c, r = self.config.connect_timeout_s, self.config.read_timeout_s if read_s is None else read_s
         return self._httpx.Timeout(connect=min(c, left), read=min(r, left), write=min(r, left), pool=min(c, left))
 
     def _check_secure(self) -> None:

@@ -94,6 +94,11 @@ class CloudConfig:
     cooldown: CooldownConfig = field(default_factory=CooldownConfig)
     uploads: UploadConfig = field(default_factory=UploadConfig)
 
+    def __post_init__(self) -> None:
+        if not self.budget_s > 0:
+            raise ConfigError(f"CloudConfig.budget_s={self.budget_s!r} must be a positive number of seconds",
+                              hint="e.g. 120; set SMOLEDGE_NO_CLOUD=1 to turn the cloud off instead")
+
 
 @dataclass(frozen=True)
 class PolicyConfig:

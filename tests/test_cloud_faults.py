@@ -499,6 +499,8 @@ def test_zero_attempts_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"RetryConfig.attempts=0 must be a whole number >= 1"):
         RetryConfig(attempts=0)
     assert CloudConfig(retry=RetryConfig(attempts=1)).retry.attempts == 1
+    with pytest.raises(ConfigError, match=r"CloudConfig.budget_s=0 must be a positive"):
+        CloudConfig(budget_s=0)
 
 
 def test_the_cloud_budget_comes_from_the_environment(tmp_path):
