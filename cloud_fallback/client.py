@@ -60,7 +60,6 @@ class CallRecord:
     tokens_out: int | None = None
     latency_s: float = 0.0
     answered: bool = False  # the 200 status line arrived: the provider is generating (and billing)
-    limit_code: str = "timeout"  # what running past the call's time limit is: its own timeout, or the budget
 
 
 _SAFE_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -134,42 +133,41 @@ class RouterClient:
                                      hint="use an https:// SMOLEDGE_CLOUD_BASE_URL (plain http only to a "
                                           "loopback address)"), "insecure")
 
-    def stream_chat(self, call: HttpCall, record: CallRecord, deadline: float | None = None) -> Iterator[StreamChunk]:
+    def stream_chat(self, call: HttpCall, record: CallRecord, deadline: float | None = None,
+                    first_by: float | None = None) -> Iterator[StreamChunk]:
         """POST ``call`` and yield the answer's text chunks; fills ``record`` as it goes.
 
-        ``deadline`` (monotonic seconds) bounds the whole call: connect, silence and a trickling stream alike.
+        ``deadline`` (monotonic seconds) bounds the whole call - connect, silence and a trickling stream
+        alike; ``first_by`` only the wait for its first chunk (after it, ``CloudConfig.total_timeout_s``).
         """
         self._check_secure()
         started = time.monotonic()
-        limit = started + self.config.total_timeout_s
-        if deadline is not None and deadline < limit:
-            limit, record.limit_code = deadline, "budget"
-        watchdog = None
+        whole = _Limit.of(started + self.config.total_timeout_s, deadline)
+        limit = _Limit.of(whole.at, first_by) if first_by is not None else whole
         try:
             with self._http.stream(call.method, call.url, headers=call.headers, json=call.json,
-                                   timeout=self._timeout(limit)) as response:
-                watchdog = _watchdog(response, limit)
+                                   timeout=self._timeout(limit.at)) as response:
+                limit.watch(response)
                 record.provider = safe_code(response.headers.get("x-inference-provider")) or record.provider
                 if response.status_code >= 300:
                     response.read()
                     raise self._http_error(response, record.target)
                 record.answered = True
-                yield from self._read_answer(response, record, limit)
+                for n, chunk in enumerate(self._read_answer(response, record, limit)):
+                    if n == 0 and limit is not whole:
+                        limit.rearm(whole)  # the answer has started: only the call's own limits hold now
+                    yield chunk
             record.status = "ok"
         except (self._httpx.HTTPError, self._httpx.InvalidURL, self._httpx.StreamError) as err:
             raise self._transport_error(err, record, limit) from err
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            limit.cancel()
             record.latency_s = time.monotonic() - started
 
-    def _transport_error(self, err: Exception, record: CallRecord, limit: float) -> CloudError:
+    def _transport_error(self, err: Exception, record: CallRecord, limit: _Limit) -> CloudError:
         name, target = type(err).__name__, record.target
-        if time.monotonic() >= limit - 0.05:  # a read timeout at the limit, or the watchdog's cut
-            what = "the cloud time budget" if record.limit_code == "budget" else "the call's total timeout"
-            return tag(CloudUnavailableError(f"{target}: no complete answer within {what} ({name})",
-                                             hint="raise --deadline or SMOLEDGE_CLOUD_BUDGET_S, or ask for fewer "
-                                                  "tokens"), record.limit_code)
+        if time.monotonic() >= limit.at - 0.05:  # a read timeout at the limit, or the watchdog's cut
+            return limit.error(target, name)
         if isinstance(err, self._httpx.TimeoutException):
             return tag(CloudUnavailableError(f"{target}: no answer from {self._host} in time ({name})",
                                              hint="check the network, or raise CloudConfig.read_timeout_s"), "timeout")
@@ -184,7 +182,7 @@ class RouterClient:
         return tag(CloudUnavailableError(f"cannot reach the cloud router at {self._host}: {name}",
                                          hint="check the network and SMOLEDGE_CLOUD_BASE_URL"), "unreachable")
 
-    def _read_answer(self, response: Any, record: CallRecord, limit: float) -> Iterator[StreamChunk]:
+    def _read_answer(self, response: Any, record: CallRecord, limit: _Limit) -> Iterator[StreamChunk]:
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:  # a server that ignored stream=true
             yield from self._whole_answer(_read_all(response, record, limit), record)
@@ -269,42 +267,70 @@ class RouterClient:
         return models
 
 
-def _watchdog(response: Any, limit: float) -> threading.Timer | None:
-    """Cut the connection at ``limit``, so that a stream that trickles and then stalls cannot outlast it
-    (a read timeout only bounds each silence).  Uses the transport's documented ``network_stream``."""
-    stream = response.extensions.get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
-    if not isinstance(sock, socket.socket):
-        return None
-    timer = threading.Timer(max(0.0, limit - time.monotonic()), _cut, args=(sock,))
-    timer.daemon = True
-    timer.start()
-    return timer
+class _Limit:
+    """When one call must end (monotonic ``at``; ``code`` ``budget`` or ``timeout``), checked on every piece of
+    bytes, and enforced by a watchdog that shuts the socket at ``at`` - so a stream that trickles and then
+    stalls cannot outlast it (a read timeout only bounds each silence).  The socket comes from the
+    transport's documented ``network_stream`` extension."""
+
+    def __init__(self, at: float, code: str):
+        self.at, self.code = at, code
+        self._sock: socket.socket | None = None
+        self._timer: threading.Timer | None = None
+
+    @staticmethod
+    def of(own: float, budget: float | None) -> _Limit:
+        return _Limit(budget, "budget") if budget is not None and budget < own else _Limit(own, "timeout")
+
+    def watch(self, response: Any) -> None:
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        self._sock = sock if isinstance(sock, socket.socket) else None
+        self._arm()
+
+    def rearm(self, other: _Limit) -> None:
+        self.cancel()
+        self.at, self.code = other.at, other.code
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._sock is not None:
+            self._timer = threading.Timer(max(0.0, self.at - time.monotonic()), _cut, args=(self._sock,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def check(self, target: str) -> None:
+        if time.monotonic() > self.at:
+            raise self.error(target, "still streaming")
+
+    def error(self, target: str, what: str) -> CloudError:
+        limit = "the cloud time budget" if self.code == "budget" else "the call's total timeout"
+        return tag(CloudUnavailableError(f"{target}: no complete answer within {limit} ({what})",
+                                         hint="raise --deadline or SMOLEDGE_CLOUD_BUDGET_S, or ask for fewer tokens"),
+                   self.code)
 
 
 def _cut(sock: socket.socket) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read, which then fails and is mapped above
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read, which then fails and is mapped to the limit
     except OSError:
         pass
 
 
-def _past(limit: float, record: CallRecord) -> None:
-    if time.monotonic() > limit:
-        raise tag(CloudUnavailableError(f"{record.target}: the answer did not finish within the time allowed",
-                                        hint="raise --deadline / SMOLEDGE_CLOUD_BUDGET_S or ask for fewer tokens"),
-                  record.limit_code)
-
-
-def _read_all(response: Any, record: CallRecord, limit: float) -> bytes:
+def _read_all(response: Any, record: CallRecord, limit: _Limit) -> bytes:
     parts = []
     for piece in response.iter_bytes():
-        _past(limit, record)
+        limit.check(record.target)
         parts.append(piece)
     return b"".join(parts)
 
 
-def _sse_events(pieces: Iterator[bytes], record: CallRecord, limit: float) -> Iterator[str]:
+def _sse_events(pieces: Iterator[bytes], record: CallRecord, limit: _Limit) -> Iterator[str]:
     """The data of each SSE event (``data:`` lines joined; comments and other fields skipped; LF or CRLF).
 
     An ``event: error`` event's data is yielded as is: ``_stream_event`` finds the error in it.  The time
@@ -312,7 +338,7 @@ def _sse_events(pieces: Iterator[bytes], record: CallRecord, limit: float) -> It
     """
     buffer, data = b"", []
     for piece in pieces:
-        _past(limit, record)
+        limit.check(record.target)
         buffer += piece
         *lines, buffer = buffer.split(b"\n")
         for raw in lines:

@@ -18,8 +18,9 @@ or not this request), a malformed or empty answer moves on at once; errors the r
 everything (token, credit and cap are the same for every model).  Once an answer's first chunk has been
 passed on, nothing is retried: a failure ends the stream with an error instead of a duplicated answer.
 
-One time budget bounds it all - attempts, targets, Retry-After sleeps and each call's silence or
-trickle: the caller's deadline, else ``CloudConfig.budget_s``.
+One time budget bounds the wait for an answer - attempts, targets, Retry-After sleeps and each call's
+silence or trickle before its first chunk: the caller's deadline (which bounds the whole answer too),
+else ``CloudConfig.budget_s`` (after the first chunk, only the call's ``total_timeout_s``).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class CloudFallback:
             call = build_chat_call(request, target, base_url=self.config.base_url, token=token,
                                    bill_to=self.config.bill_to, messages=messages)
             try:
-                done = yield from self._try_target(call, request, target, decision, book, end, failures)
+                done = yield from self._try_target(call, request, target, decision, book, (end, deadline), failures)
             except _AnswerBroken as broken:
                 self.cooldown.failed(target, self._clock())
                 raise broken.error from broken.error.__cause__
@@ -183,7 +184,8 @@ class CloudFallback:
         return None
 
     def _try_target(self, call, request: ChatRequest, target: str, decision: Decision, book: PriceBook,
-                    end: float, failures: list) -> Iterator[StreamChunk]:
+                    ends: tuple[float, float | None], failures: list) -> Iterator[StreamChunk]:
+        end = ends[0]  # the budget's end: no attempt starts and no sleep runs past it
         for attempt in range(self.config.retry.attempts):
             if end - self._clock() <= 0:  # nothing sent, so no ledger row
                 failures.append((target, _budget_error(None)))
@@ -193,7 +195,7 @@ class CloudFallback:
                                      request.sampling.max_new_tokens)
             record = CallRecord(target=target, provider=provider_of(target))
             try:
-                yield from self._one_call(call, record, decision, book, request.sampling.max_new_tokens, end)
+                yield from self._one_call(call, record, decision, book, request.sampling.max_new_tokens, ends)
                 self.cooldown.succeeded(target)
                 return True
             except _STOP:
@@ -225,10 +227,11 @@ class CloudFallback:
         return self.backoff.delay(attempt, retry_after=getattr(err, "retry_after", None), rand=self._rng.random())
 
     def _one_call(self, call, record: CallRecord, decision: Decision, book: PriceBook, max_tokens: int,
-                  end: float) -> Iterator[StreamChunk]:
+                  ends: tuple[float, float | None]) -> Iterator[StreamChunk]:
+        """One call; the caller's deadline bounds all of it, the budget only the wait for its first chunk."""
         passed_on = 0
         try:
-            for chunk in self.client().stream_chat(call, record, deadline=end):
+            for chunk in self.client().stream_chat(call, record, deadline=ends[1], first_by=ends[0]):
                 passed_on += 1
                 yield chunk
         except CloudError as err:

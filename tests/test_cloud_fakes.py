@@ -69,7 +69,8 @@ class Reply:
     before any text) | done_only (``data: [DONE]`` alone) | noisy (SSE comments, ``event:`` lines, CRLF,
     a split ``data:`` event) | no_usage | trickle (200, then only keep-alive comments and empty deltas,
     one every ``delay_s``, for ``hold_s``; then ``then_silent_s`` of silence) | silent (reads the request,
-    then says nothing for ``hold_s``) | gzip_garbage (a body that does not decompress) | redirect (302)
+    then says nothing for ``hold_s``) | gzip_garbage (a body that does not decompress) | redirect (302) |
+    slow_words (the answer, one word every ``delay_s``)
     """
 
     kind: str = "ok"
@@ -163,6 +164,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk("")
 
     _reply_slow = _reply_ok
+
+    def _reply_slow_words(self, reply: Reply, body: dict) -> None:
+        """A healthy but slow stream: one word every ``delay_s``."""
+        self._start_stream(reply)
+        for event in _events(reply.text, body.get("model", ""), reply.finish):
+            self._chunk(f"data: {json.dumps(event)}\n\n")
+            time.sleep(reply.delay_s)
+        self._chunk("data: [DONE]\n\n")
+        self._chunk("")
 
     def _reply_no_usage(self, reply: Reply, body: dict) -> None:
         self._start_stream(reply)

@@ -371,6 +371,19 @@ def test_g_a_trickle_then_a_stall_is_cut_at_the_budget_not_one_read_timeout_late
     assert time.monotonic() - started < 2.0 + 1.0 and _chats(router) == [LARGE]
 
 
+def test_g_the_budget_bounds_the_wait_for_an_answer_not_a_steady_one(tmp_path, router):  # noqa: F811
+    router.push(Reply("slow_words", delay_s=0.12))  # 10 events: about 1.2 s, past the 0.6 s budget
+    cfg = make_config(tmp_path, router, budget_s=0.6)
+    assert _run(CloudFallback.from_config(cfg), targets=(LARGE,)) == CLOUD_TEXT
+    router.push(Reply("slow_words", delay_s=0.12))  # but a --deadline bounds the whole answer
+    got = []
+    with pytest.raises(CloudUnavailableError, match="cloud time budget.*not retried, to avoid a duplicated answer"):
+        for chunk in CloudFallback.from_config(cfg).stream(request_with_images(), (LARGE, SMALL), DECISION,
+                                                           deadline=time.monotonic() + 0.6):
+            got.append(chunk.text)
+    assert 0 < len(got) < len(CLOUD_TEXT.split()) and _chats(router) == [LARGE, LARGE]
+
+
 def test_g_a_retry_after_past_the_budget_is_not_slept(cloud, router):  # noqa: F811
     router.push(Reply("429", retry_after="2"))
     with pytest.raises(CloudUnavailableError, match="cloud time budget ran out"):
