@@ -1,4 +1,5 @@
-"""The cloud fallback under real faults, each reproduced against the fake router on 127.0.0.1 (issue 16, A-J).
+"""The cloud fallback under real faults, each reproduced against the fake router on 127.0.0.1 (issue 16:
+A and C-J here; B, local health, in test_cloud_health.py and test_cloud_server.py).
 
 Every test names the bug it pins down.  Timing tests use a budget of about a second and assert an end
 within the budget + 1 s; nothing here waits on a real provider.
@@ -10,7 +11,6 @@ import base64
 import io
 import logging
 import sqlite3
-import threading
 import time
 from dataclasses import replace
 
@@ -31,15 +31,12 @@ from test_cloud_fakes import (  # noqa: F401
 from smoledge.cloud_fallback import (
     CloudConfig,
     CloudFallback,
-    HealthTracker,
     LedgerConfig,
-    LocalHealth,
     PolicyConfig,
     RetryConfig,
     UploadConfig,
     answer,
     answer_text,
-    decide,
     router_config_from_args,
 )
 from smoledge.cloud_fallback import request_builder
@@ -55,7 +52,6 @@ from smoledge.errors import (
     CloudProtocolError,
     CloudUnavailableError,
     ConfigError,
-    DeadlineExceededError,
     FallbackFailedError,
 )
 from smoledge.runtime.types import ChatRequest, Message, SamplingConfig
@@ -112,92 +108,6 @@ def _no_flags():
     parser = argparse.ArgumentParser()
     add_routing_arguments(parser)
     return parser.parse_args([])
-
-
-# --- B: local health that recovers ---------------------------------------------------------------
-
-class _Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def _fail(tracker):
-    health = tracker.begin()
-    tracker.record(True, BackendError("kernel crashed"), probe=health.probe)
-    return health
-
-
-def test_b_local_health_half_opens_after_the_cool_off_and_a_success_closes_it():
-    clock = _Clock()
-    policy = PolicyConfig(local_retry_after_s=30.0, local_retry_every=0)
-    tracker = HealthTracker(policy, clock=clock)
-    for _ in range(3):
-        assert not _fail(tracker).probe
-    assert tracker.current.consecutive_failures == 3
-    for _ in range(5):  # open: requests go away, no probe before the cool-off
-        health = tracker.begin()
-        assert not health.probe and health.skips_local(policy)
-    clock.now += 30.0
-    probe = tracker.begin()
-    assert probe.probe and not probe.skips_local(policy)
-    assert not tracker.begin().probe  # one probe at a time
-    tracker.record(True, None, probe=True)
-    assert tracker.current == LocalHealth() and not tracker.begin().skips_local(policy)
-
-
-def test_b_a_failed_probe_waits_another_cool_off_and_every_nth_request_probes():
-    clock = _Clock()
-    policy = PolicyConfig(local_retry_after_s=30.0, local_retry_every=4)
-    tracker = HealthTracker(policy, clock=clock)
-    for _ in range(3):
-        _fail(tracker)
-    probes = [tracker.begin().probe for _ in range(4)]
-    assert probes == [False, False, False, True]  # the 4th request sent away tries local
-    tracker.record(True, BackendError("still broken"), probe=True)
-    clock.now += 10.0
-    assert [tracker.begin().probe for _ in range(3)] == [False, False, False]
-
-
-def test_b_first_token_deadline_misses_are_counted_apart_from_crashes():
-    health = LocalHealth()
-    for _ in range(2):
-        health = health.after(DeadlineExceededError("no first token from the local engine within 2 s"))
-    health = health.after(BackendError("kernel crashed"))
-    assert (health.deadline_misses, health.consecutive_failures) == (2, 1)
-    health = health.after(DeadlineExceededError("no first token"))
-    policy = PolicyConfig()
-    assert health.skips_local(policy)
-    from test_cloud_fakes import MANIFEST
-    from smoledge.cloud_fallback import load_profile
-    from smoledge.runtime.types import RequestShape
-
-    shape = RequestShape(prompt_tokens=10, max_new_tokens=8, image_tiles=0, images=0)
-    d = decide(shape, MANIFEST, load_profile("raspberry-pi-5-4gb"), health, policy)
-    assert d.route == "cloud" and d.reason == "local engine missed the first-token deadline 3 times in a row"
-    assert health.after(None) == LocalHealth()
-
-
-def test_b_health_is_shared_correctly_across_threads():
-    clock = _Clock()
-    tracker = HealthTracker(PolicyConfig(local_retry_after_s=5.0, local_retry_every=0), clock=clock)
-    for _ in range(3):
-        _fail(tracker)
-    clock.now += 5.0
-    seen, start = [], threading.Barrier(16)
-
-    def one():
-        start.wait()
-        seen.append(tracker.begin().probe)
-
-    threads = [threading.Thread(target=one) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert seen.count(True) == 1
 
 
 # --- C: client-caused errors never cool a target down --------------------------------------------
