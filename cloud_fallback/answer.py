@@ -31,7 +31,9 @@ from smoledge.errors import (
     PromptTooLongError,
     SmolEdgeError,
     VideoDecoderMissingError,
+    classify,
 )
+from smoledge.runtime.request_check import check_request
 from smoledge.runtime.types import ChatRequest, StreamChunk
 
 from .cloud import CloudFallback, cloud_targets
@@ -88,7 +90,7 @@ def answer_text(request: ChatRequest, engine: LocalEngine | None, *, config: Rou
 class Answer(Iterator[StreamChunk]):
     def __init__(self, request: ChatRequest, engine: LocalEngine | None, *, config: RouterConfig,
                  health: LocalHealth, cloud: CloudFallback | None, on_decision: Callable[[Decision], None] | None):
-        self.request, self.engine, self.config = request, engine, config
+        self.request, self.engine, self.config = check_request(request), engine, config  # bad input stops here
         self.policy: PolicyConfig = replace(config.policy, offline=True) if hub_offline() else config.policy
         self.started = time.monotonic()  # --deadline counts from here, for local and cloud together
         self.shape = None
@@ -191,6 +193,9 @@ class Answer(Iterator[StreamChunk]):
                         raise err from None
                     raise _EarlyFailure(err) from None
                 except Exception as err:  # MemoryError, BackendError, anything the engine raises
+                    if classify(err) == "input":  # the request's fault: not the engine's, not for the cloud
+                        self.local_tried = False
+                        raise
                     if passed:
                         self.local_error = err
                         raise _rewrite(err, f"after {passed} chunks had been streamed; not handed to the "

@@ -125,8 +125,10 @@ class CloudFallback:
             return self._client
 
     def token(self) -> str:
+        from smoledge.redact import checked_token
+
         if self.config.token is not None:
-            return self.config.token
+            return checked_token(self.config.token)
         from huggingface_hub import get_token
 
         token = get_token()
@@ -134,7 +136,7 @@ class CloudFallback:
             raise tag(CloudAuthError("no Hugging Face token found for the cloud fallback",
                                      hint="set HF_TOKEN or run `hf auth login`, or turn the cloud off with --no-cloud"),
                       "no_token")
-        return token
+        return checked_token(token)
 
     def stream(self, request: ChatRequest, targets: tuple[str, ...], decision: Decision, *,
                deadline: float | None = None, needed_tokens: int | None = None) -> Iterator[StreamChunk]:

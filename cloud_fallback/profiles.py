@@ -56,6 +56,7 @@ class DeviceProfile:
     execution_provider: str
     speed: SpeedFigures
     available_providers: tuple[str, ...] = ()
+    bundle_verify: str = "fast"  # "full": hash every bundle file on each run (SD cards: bit rot keeps mtimes)
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,17 @@ def _profile_from_json(data: dict) -> DeviceProfile:
             execution_provider=str(data["execution_provider"]),
             speed=SpeedFigures(float(speed["tile_encode_s"]), float(speed["prefill_tok_s"]),
                                float(speed["decode_tok_s"])),
+            bundle_verify=_verify_mode(data.get("bundle_verify", "fast")),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"device profile {data.get('name')!r} is malformed: {err}",
                           hint="compare it with the profiles shipped in cloud_fallback/profiles/") from err
+
+
+def _verify_mode(value) -> str:
+    if value not in ("fast", "full"):
+        raise ValueError(f"bundle_verify must be 'fast' or 'full', got {value!r}")
+    return value
 
 
 def _apply_machine(profile: DeviceProfile, data: dict, machine: MachineInfo) -> DeviceProfile:

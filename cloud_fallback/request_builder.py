@@ -182,10 +182,10 @@ def sniff_image_mime(data: bytes) -> str | None:
 
 
 def _read(path: Path, error: type, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise error(f"cannot read {what} {path}: {err.strerror or err}", hint=f"check the {what} path") from err
+    from smoledge.runtime.media import DEFAULT_LIMITS, read_file
+
+    cap = DEFAULT_LIMITS.max_image_bytes if what == "image" else DEFAULT_LIMITS.max_video_bytes
+    return read_file(path, cap, what=what, error=error)
 
 
 def _decode(data: bytes):

@@ -90,16 +90,23 @@ class Bundle:
         return checked
 
 
-def open_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
-    """Open a bundle folder (or ``.zip``), check its manifest schema and, by default, its files."""
+def open_bundle(path: str | Path, *, verify: bool | str = True) -> Bundle:
+    """Open a bundle folder (or ``.zip``), check its manifest schema and, by default, its files.
+
+    ``verify``: True / ``"fast"`` hashes only files whose size or mtime changed since the last check,
+    ``"full"`` hashes every file (bit rot, or a file changed with its mtime restored), False none."""
     path = Path(path).expanduser()
     if path.is_file() and zipfile.is_zipfile(path):
-        path = _extract_zip(path)
+        from smoledge.runtime.bundle_zip import extract_zip
+
+        path = extract_zip(path)
     if not path.exists():
         raise BundleError(f"no bundle at {path}", hint="give the folder written by 'smoledge export'")
     manifest = read_manifest(path)
     bundle = Bundle(path, manifest)
-    if verify:
+    if verify == "full":
+        bundle.verify(full=True)
+    elif verify:
         _verify_cached(bundle)
     return bundle
 
@@ -137,8 +144,10 @@ def _verify_cached(bundle: Bundle) -> None:
     stamps = {}
     try:
         stamps = json.loads(stamp_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         pass
+    if not isinstance(stamps, dict):  # a corrupt stamp file only means: hash everything again
+        stamps = {}
     fresh, changed = {}, False
     for rel, meta in bundle.manifest["files"].items():
         path = bundle.file(rel)
@@ -159,25 +168,3 @@ def _verify_cached(bundle: Bundle) -> None:
             os.replace(tmp, stamp_path)
         except OSError:
             pass  # without a writable cache, the bundle is verified in full every time
-
-
-def _extract_zip(path: Path) -> Path:
-    from smoledge.runtime.cache import cache_dir
-
-    digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / "bundles" / digest[:16]
-    if (target / MANIFEST).is_file():
-        return target
-    partial = target.with_name(target.name + ".partial")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for member in zf.namelist():
-                if member.startswith("/") or ".." in Path(member).parts:
-                    raise BundleError(f"bundle zip {path} has an unsafe entry {member!r}", hint="re-export it")
-            zf.extractall(partial)
-    except zipfile.BadZipFile as err:
-        raise BundleError(f"bundle zip {path} is corrupt ({err})", hint="re-copy or re-export it") from None
-    roots = [p for p in partial.iterdir()]
-    inner = roots[0] if len(roots) == 1 and roots[0].is_dir() else partial
-    os.replace(inner, target) if inner is not partial else os.replace(partial, target)
-    return target

@@ -11,7 +11,10 @@ from smoledge.runtime.backends import BACKENDS
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle folder or .zip written by 'smoledge export'")
-    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the question or instruction")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="read the prompt from a UTF-8 file ('-' = stdin), for prompts longer than one argument")
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable, in prompt order)")
     parser.add_argument("--video", action="append", default=[],
                         help="video file (repeatable; after the images, before the prompt); needs smoledge[video]")
@@ -33,6 +36,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated onnxruntime execution providers (CUDA, CoreML, NNAPI, XNNPACK, ...)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
     parser.add_argument("--stats", action="store_true", help="print the route and timing figures to stderr")
+    parser.add_argument("--verify", choices=["fast", "full"], default=None,
+                        help="bundle check before running: 'fast' re-hashes files whose size or mtime changed, "
+                        "'full' hashes every file (SD cards, copied bundles); default the device profile's")
     from smoledge.cloud_fallback import add_routing_arguments
 
     add_routing_arguments(parser)
@@ -40,6 +46,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def build_request(args: argparse.Namespace, manifest: dict):
     from smoledge.errors import ConfigError
+    from smoledge.runtime.request_check import check_request
     from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, TextPart, VideoPart
 
     max_new = args.max_new_tokens if args.max_new_tokens is not None else manifest["generation"]["max_new_tokens"]
@@ -50,11 +57,34 @@ def build_request(args: argparse.Namespace, manifest: dict):
                           hint="temperature >= 0, 0 < top-p <= 1, top-k >= 0, repetition-penalty > 0")
     messages = [Message("system", (TextPart(args.system),))] if args.system else []
     media = tuple(ImagePart(i) for i in args.image) + tuple(VideoPart(v) for v in args.video)
-    messages.append(Message("user", media + (TextPart(args.prompt),)))
+    messages.append(Message("user", media + (TextPart(prompt_text(args)),)))
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                               stop=tuple(args.stop))
-    return ChatRequest(tuple(messages), sampling)
+    return check_request(ChatRequest(tuple(messages), sampling))
+
+
+MAX_PROMPT_BYTES = 16 * 1024 * 1024
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """``--prompt``, or the UTF-8 text of ``--prompt-file`` (``-``: stdin), at most 16 MiB."""
+    from smoledge.errors import ParameterError
+    from smoledge.runtime.media import read_file
+
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt_file == "-":
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise ParameterError("the prompt on stdin is over 16 MiB", param="--prompt-file", hint="send less")
+    else:
+        data = read_file(args.prompt_file, MAX_PROMPT_BYTES, what="prompt", error=ParameterError)
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise ParameterError(f"the prompt file is not valid UTF-8 (byte {err.start})", param="--prompt-file",
+                             hint="re-save it as UTF-8") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,11 +92,15 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.runtime.pipeline import Pipeline
     from smoledge.runtime.video import resolve_max_frames
 
+    from smoledge.runtime.request_check import check_threads
+
+    check_threads(args.threads)
     config = router_config_from_args(args)
     options = {"threads": args.threads} if args.backend in ("onnx", "executorch") else {}
     if args.backend == "onnx":
         options["providers"] = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    pipe = Pipeline.load(args.bundle, args.backend, **options)
+    verify = args.verify or config.profile.bundle_verify
+    pipe = Pipeline.load(args.bundle, args.backend, verify=verify, **options)
     pipe.set_video_max_frames(resolve_max_frames(args.max_frames, config.profile.max_video_frames))
     request = build_request(args, pipe.manifest)
 

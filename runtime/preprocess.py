@@ -15,7 +15,6 @@ Every resize goes through Pillow on uint8 pixels, as transformers does, so the r
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -23,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from smoledge.runtime.data_url import decode_data_url
 from smoledge.errors import ConfigError, ImageError
+from smoledge.runtime.media import DEFAULT_LIMITS, DecodedImage, MediaLimits, decode_image, open_image
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -137,30 +136,24 @@ class ProcessedImages:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_image(src: ImageSource) -> Image.Image:
+def load_image(src: ImageSource, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
     """Open and decode an image like ``transformers.image_utils.load_image``: EXIF rotation, then RGB.
 
     Note this drops an alpha channel without compositing (``convert("RGB")``), exactly as transformers'
-    ``load_image`` does.  Raises :class:`ImageError` for a missing, unreadable, unsupported or truncated image.
+    ``load_image`` does.  Raises :class:`ImageError` for a missing, unreadable, unsupported, truncated or
+    oversized image (bytes and pixels capped by ``limits`` before decoding; see :mod:`.media`).
     """
-    image, what = _open(src)
-    try:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
-    except Image.DecompressionBombError as err:
-        raise _too_large(what, err) from err
-    except _DECODE_ERRORS as err:
-        raise _decode_error(what, err) from err
+    return decode_image(src, limits)
 
 
-def peek_image_size(src: ImageSource) -> tuple[int, int]:
+def peek_image_size(src: ImageSource, limits: MediaLimits = DEFAULT_LIMITS) -> tuple[int, int]:
     """``(width, height)`` of the image :func:`preprocess` will see for ``src``, reading only the header.
 
     A path / bytes is EXIF-rotated by :func:`load_image`, so orientations 5-8 swap the sides; an already
     decoded PIL image is taken as it is (as transformers' processor takes it): its plain size.
     """
-    image, _ = _open(src)
-    if isinstance(src, Image.Image):
+    image, _ = open_image(src, limits)
+    if isinstance(src, (Image.Image, DecodedImage)):
         return image.size
     try:
         orientation = image.getexif().get(0x0112, 1)
@@ -168,91 +161,6 @@ def peek_image_size(src: ImageSource) -> tuple[int, int]:
         orientation = 1
     w, h = image.size
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
-def _open(src: ImageSource) -> tuple[Image.Image, str]:
-    if isinstance(src, Image.Image):
-        return src, "the image"
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return _open_bytes(bytes(src), "the image data")
-    if isinstance(src, str) and src.startswith("data:"):
-        return _open_bytes(_decode_data_url(src), "the data URL")
-    if isinstance(src, str) and src.startswith(("http://", "https://")):
-        raise ImageError(f"image URLs are not downloaded by the runtime: {src[:80]}",
-                         hint="download the image and pass a local path or its bytes")
-    if not isinstance(src, (str, Path)):
-        raise ImageError(f"unsupported image input of type {type(src).__name__}",
-                         hint="pass a file path, encoded image bytes or a PIL image")
-    return _open_path(Path(src))
-
-
-def _open_path(path: Path) -> tuple[Image.Image, str]:
-    if not path.exists():
-        raise ImageError(f"image file not found: {path}", hint="check the path")
-    if path.is_dir():
-        raise ImageError(f"image path is a directory, not a file: {path}", hint="pass an image file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ImageError(f"cannot read image file {path}: {err.strerror or err}",
-                         hint="check the file permissions") from err
-    return _open_bytes(data, str(path))
-
-
-def _open_bytes(data: bytes, what: str) -> tuple[Image.Image, str]:
-    if not data:
-        raise ImageError(f"{what} is empty (0 bytes)", hint="pass a complete JPEG, PNG or WebP image")
-    try:
-        return Image.open(io.BytesIO(data)), what
-    except Image.DecompressionBombError as err:
-        raise _too_large(what, err) from err
-    except UnidentifiedImageError as err:
-        raise _unidentified(what, data) from err
-    except _DECODE_ERRORS as err:
-        raise _decode_error(what, err) from err
-
-
-def _decode_data_url(url: str) -> bytes:
-    return decode_data_url(url, "image", ImageError)
-
-
-_UNSUPPORTED_SIGNATURES = {  # formats Pillow cannot read without plugins
-    b"ftypheic": "HEIC", b"ftypheix": "HEIC", b"ftypmif1": "HEIF", b"ftypavif": "AVIF", b"ftypmsf1": "HEIF",
-}
-
-
-def _unidentified(what: str, data: bytes) -> ImageError:
-    head = data[:512]
-    fmt = _UNSUPPORTED_SIGNATURES.get(head[4:12])
-    if fmt is None and head.lstrip()[:5].lower() in (b"<?xml", b"<svg ", b"<svg>"):
-        fmt = "SVG"
-    if fmt:
-        return ImageError(f"{what} is a {fmt} image, which is not supported",
-                          hint="convert it to JPEG or PNG")
-    if _looks_like_text(head):
-        return ImageError(f"{what} is not an image (it looks like a text file)",
-                          hint="pass a JPEG, PNG, WebP, BMP or GIF file")
-    return ImageError(f"{what} is not a readable image (unknown format or corrupt data)",
-                      hint="pass a JPEG, PNG, WebP, BMP or GIF file")
-
-
-def _looks_like_text(head: bytes) -> bool:
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(ch.isprintable() or ch in "\r\n\t\f" for ch in text)
-
-
-def _decode_error(what: str, err: BaseException) -> ImageError:
-    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if "truncated" in detail.lower() or isinstance(err, EOFError):
-        return ImageError(f"{what} is truncated ({detail})", hint="the file is incomplete; re-download or re-save it")
-    return ImageError(f"{what} is corrupt and cannot be decoded ({detail})", hint="re-save it as JPEG or PNG")
-
-
-def _too_large(what: str, err: BaseException) -> ImageError:
-    return ImageError(f"{what} is too large to decode safely ({err})", hint="downscale the image first")
 
 
 # --------------------------------------------------------------------------------------------- sizes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 import sys
@@ -40,6 +41,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--api-key", default=os.environ.get("SMOLEDGE_API_KEY"), metavar="K",
                      help="require 'Authorization: Bearer K' (default $SMOLEDGE_API_KEY; none = no auth)")
     net.add_argument("--model-name", default=None, help="the model id clients see (default the bundle's source)")
+    net.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also accept requests whose Host header is NAME (repeatable; the bound address, and "
+                     "localhost on a loopback bind, are always accepted; '*' = any: no DNS-rebinding guard)")
+    net.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                     help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable; none by "
+                     "default: only the server's own page; '*' = any page)")
+    net.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                     help="seconds a client may take to send a request's headers (default 10)")
+    net.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                     help="seconds a client may take to send a request's body (default 60)")
+    net.add_argument("--idle-timeout", type=float, default=5.0, metavar="S",
+                     help="seconds an idle keep-alive connection stays open (default 5)")
+    net.add_argument("--max-connections", type=int, default=128, metavar="N",
+                     help="open connections; over it the oldest one still sending headers is closed (default 128)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--queue-size", type=int, default=8,
                         help="requests that may wait beyond the one running; more get 429 (default 8)")
@@ -69,14 +84,21 @@ def _check_args(args: argparse.Namespace) -> None:
     numbers = {"--queue-size": (args.queue_size, 0), "--max-body-mb": (args.max_body_mb, 1e-9),
                "--max-image-mb": (args.max_image_mb, 1e-9), "--max-image-pixels": (args.max_image_pixels, 1),
                "--max-images": (args.max_images, 0), "--remote-image-timeout": (args.remote_image_timeout, 1e-9),
-               "--shutdown-grace": (args.shutdown_grace, 0), "--port": (args.port, 0)}
+               "--shutdown-grace": (args.shutdown_grace, 0), "--port": (args.port, 0),
+               "--header-timeout": (args.header_timeout, 0.1), "--body-timeout": (args.body_timeout, 0.1),
+               "--idle-timeout": (args.idle_timeout, 1), "--max-connections": (args.max_connections, 4),
+               "--threads": (args.threads, 0)}
     for flag, (value, low) in numbers.items():
-        if value < low:
-            raise ConfigError(f"{flag} {value} is out of range", hint=f"use a value of at least {low:g}")
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(f"{flag} {value} is out of range", hint=f"use a finite value of at least {low:g}")
     if args.port > 65535:
         raise ConfigError(f"--port {args.port} is out of range", hint="use 0-65535")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty", hint="give a key, or leave the flag out for no auth")
+    if args.api_key is not None:
+        from smoledge.redact import register_secret
+
+        register_secret(args.api_key)
 
 
 def _web_stack() -> None:
@@ -90,15 +112,22 @@ def _web_stack() -> None:
 
 def settings_from_args(args: argparse.Namespace, manifest: dict):
     from smoledge.runtime.server_app import ServerSettings
+    from smoledge.runtime.server_conn import ConnectionLimits
+    from smoledge.runtime.server_guard import AccessRules
     from smoledge.runtime.server_images import ImageLimits
 
     images = ImageLimits(max_image_bytes=int(args.max_image_mb * MB), max_image_pixels=args.max_image_pixels,
                          max_images=args.max_images, allow_remote=args.allow_remote_images,
                          remote_timeout_s=args.remote_image_timeout,
                          allow_private_hosts=args.allow_private_image_hosts)
+    access = AccessRules(bound_host=args.host, allow_hosts=tuple(args.allow_host),
+                         allow_origins=tuple(o.rstrip("/") for o in args.allow_origin))
+    connections = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                   idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     return ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * MB), images=images,
                           default_max_tokens=int(manifest["generation"]["max_new_tokens"]),
-                          shutdown_grace_s=args.shutdown_grace, created=_created(manifest))
+                          shutdown_grace_s=args.shutdown_grace, created=_created(manifest), access=access,
+                          connections=connections)
 
 
 def model_id_for(manifest: dict, bundle: str | Path, name: str | None = None) -> str:

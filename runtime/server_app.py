@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,9 +26,21 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from smoledge.errors import SmolEdgeError
+from smoledge.redact import install_log_filter
+from smoledge.runtime.server_conn import ConnectionLimits, protocol_class
 from smoledge.runtime.server_errors import ApiError, error_for
+from smoledge.runtime.server_guard import AccessRules, Guard
 from smoledge.runtime.server_images import MB, ImageLimits
-from smoledge.runtime.server_protocol import ParsedChat, chunk, completion, new_id, parse_chat, sse, usage_chunk
+from smoledge.runtime.server_protocol import (
+    MAX_JSON_DEPTH,
+    ParsedChat,
+    chunk,
+    completion,
+    new_id,
+    parse_chat,
+    sse,
+    usage_chunk,
+)
 from smoledge.runtime.server_worker import Job, Service
 
 log = logging.getLogger("smoledge.serve")
@@ -41,6 +54,9 @@ class ServerSettings:
     default_max_tokens: int = 256
     shutdown_grace_s: float = 10.0  # in-flight requests may finish within this, then they are cancelled
     created: int = 0  # the model's "created" time in /v1/models
+    access: AccessRules = field(default_factory=AccessRules)  # Host / Origin / content type
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # deadlines, connection budget
+    max_json_depth: int = MAX_JSON_DEPTH
 
 
 def _error_response(err: ApiError) -> JSONResponse:
@@ -98,8 +114,9 @@ class _Handlers:
             self._authorize(request)
             self._check_capacity()  # before reading images: a full server turns requests away cheaply
             body = await _read_body(request, self.settings.max_body_bytes)
-            parsed = await run_in_threadpool(parse_chat, body, self.settings.images,
-                                             default_max_tokens=self.settings.default_max_tokens, fetcher=self.fetcher)
+            parsed = await run_in_threadpool(parse_chat, body, self.settings.images, fetcher=self.fetcher,
+                                             default_max_tokens=self.settings.default_max_tokens,
+                                             max_depth=self.settings.max_json_depth)
             job = self.service.admit(parsed.request, asyncio.get_running_loop())
             if job is None:
                 self._check_capacity()
@@ -232,24 +249,38 @@ def create_app(service: Service, settings: ServerSettings, *, fetcher=None) -> S
 
 
 class SmolServer(uvicorn.Server):
-    """uvicorn's server, telling the service when shutdown starts (new requests then get 503)."""
+    """uvicorn's server, draining before it stops: on SIGINT/SIGTERM it keeps listening for the grace period
+    (``/health`` answers 503, new requests 503), lets in-flight requests finish, then cancels the rest so
+    each open stream ends with its final SSE error event, and only then closes."""
 
-    def __init__(self, config: uvicorn.Config, service: Service):
+    def __init__(self, config: uvicorn.Config, service: Service, grace_s: float = 10.0):
         super().__init__(config)
-        self.service = service
+        self.service, self.grace_s = service, grace_s
 
     async def shutdown(self, sockets=None) -> None:
         self.service.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        while self.service.jobs and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for job in list(self.service.jobs):
+            job.cancel()  # the stream sees ("cancelled", None) and sends its error event
+        settle = loop.time() + 2.0
+        while (self.service.jobs or len(self.server_state.tasks) > 0) and loop.time() < settle:
+            await asyncio.sleep(0.05)
+        self.config.timeout_graceful_shutdown = 1.0
         await super().shutdown(sockets)
 
 
 def make_server(service: Service, settings: ServerSettings, *, log_level: str = "warning",
                 access_log: bool = False, fetcher=None) -> SmolServer:
-    config = uvicorn.Config(create_app(service, settings, fetcher=fetcher), log_level=log_level,
-                            access_log=access_log, timeout_graceful_shutdown=settings.shutdown_grace_s,
-                            limit_concurrency=max(64, 4 * service.admission.capacity), ws="none",
-                            lifespan="on", server_header=False)
-    return SmolServer(config, service)
+    app = Guard(create_app(service, settings, fetcher=fetcher), settings.access)
+    limits = settings.connections
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, http=protocol_class(limits),
+                            timeout_keep_alive=max(1, math.ceil(limits.idle_timeout_s)), limit_concurrency=None,
+                            ws="none", lifespan="on", server_header=False)
+    install_log_filter("smoledge.serve", "uvicorn", "uvicorn.error", "uvicorn.access")
+    return SmolServer(config, service, settings.shutdown_grace_s)
 
 
 def run_server(server: SmolServer, sock: socket.socket) -> None:

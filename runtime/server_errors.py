@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from smoledge.redact import redact
+
 from smoledge.errors import (
     BackendError,
     CloudAuthError,
@@ -38,7 +40,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+        """The error body, sanitised: no token in upstream text reaches an API client (smoledge.redact)."""
+        return {"error": {"message": redact(self.message), "type": self.type, "code": self.code,
+                          "param": self.param}}
 
 
 def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:

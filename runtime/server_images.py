@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from smoledge.errors import ImageError
+from smoledge.errors import ImageError, ImageTooLargeError
+from smoledge.runtime.media import DecodedImage, MediaLimits, checked_image
 from smoledge.runtime.server_errors import bad
 
 MB = 1024 * 1024
@@ -32,9 +33,12 @@ class ImageLimits:
     remote_timeout_s: float = 10.0  # whole fetch, connect to last byte
     allow_private_hosts: bool = False  # remote URLs may point at loopback / private addresses
 
+    def media(self) -> MediaLimits:
+        return MediaLimits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
 
-def resolve_image(url: str, limits: ImageLimits, *, where: str, fetcher=None) -> bytes:
-    """The checked, encoded image bytes behind ``url`` (raises ApiError 400 for anything else)."""
+
+def resolve_image(url: str, limits: ImageLimits, *, where: str, fetcher=None) -> DecodedImage:
+    """The checked, encoded image bytes behind ``url``, decoded once (raises ApiError 400 for anything else)."""
     lowered = url[:8].lower()
     if lowered.startswith("data:"):
         data = decode_data_url(url, limits, where)
@@ -46,8 +50,7 @@ def resolve_image(url: str, limits: ImageLimits, *, where: str, fetcher=None) ->
     else:
         raise bad(f"{where} must be a data:image/...;base64 URL (or http(s) where the server allows it)", where,
                   "invalid_image_url")
-    check_image(data, limits, where)
-    return data
+    return check_image(data, limits, where)
 
 
 def decode_data_url(url: str, limits: ImageLimits, where: str) -> bytes:
@@ -71,18 +74,15 @@ def decode_data_url(url: str, limits: ImageLimits, where: str) -> bytes:
     return data
 
 
-def check_image(data: bytes, limits: ImageLimits, where: str) -> None:
-    """Size in bytes, size in pixels (from the header), then a full decode: every failure is a 400."""
-    from smoledge.runtime.preprocess import load_image, peek_image_size
-
+def check_image(data: bytes, limits: ImageLimits, where: str) -> DecodedImage:
+    """Size in bytes, size in pixels (from the header), then the one full decode: every failure is a 400.
+    The result carries the decoded picture, so the model does not decode it again."""
     if len(data) > limits.max_image_bytes:
         raise _too_large(where, len(data), limits)
     try:
-        width, height = peek_image_size(data)
-        if width * height > limits.max_image_pixels:
-            raise bad(f"{where} is {width}x{height} pixels, over this server's limit of "
-                      f"{limits.max_image_pixels:,} pixels", where, "image_too_large")
-        load_image(data)
+        return checked_image(data, limits.media())
+    except ImageTooLargeError as err:
+        raise bad(f"{where}: {err.message} (this server's limit)", where, "image_too_large") from None
     except ImageError as err:
         raise bad(f"{where}: {err.message}", where, "invalid_image") from None
 

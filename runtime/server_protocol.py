@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from smoledge.errors import ParameterError
+from smoledge.runtime.request_check import check_request
 from smoledge.runtime.server_errors import bad
 from smoledge.runtime.server_images import ImageLimits, resolve_image
 from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, TextPart
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
+MAX_JSON_DEPTH = 64  # a chat request nests about 6 deep; 100,000 would exhaust the parser's stack
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 @dataclass(frozen=True)
@@ -61,26 +67,51 @@ class Route:
 # --------------------------------------------------------------------------------------------- requests
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    depth = json_depth(body)
+    if depth > max_depth:
+        raise bad(f"the request body nests {depth} levels deep, over this server's limit of {max_depth}",
+                  code="json_too_deep")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise bad(f"the request body is not valid JSON ({err})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
 
 
-def parse_chat(body: bytes, limits: ImageLimits, *, default_max_tokens: int, fetcher=None) -> ParsedChat:
+def json_depth(body: bytes) -> int:
+    """How deeply arrays and objects nest in ``body`` (strings skipped), without parsing it."""
+    import numpy as np
+
+    skeleton = _JSON_STRING.sub(b"", body)
+    depth, deepest = 0, 0
+    for start in range(0, len(skeleton), 1 << 20):
+        piece = np.frombuffer(skeleton[start:start + (1 << 20)], dtype=np.uint8)
+        step = np.isin(piece, _OPEN).astype(np.int32) - np.isin(piece, _CLOSE).astype(np.int32)
+        if len(step):
+            levels = depth + np.cumsum(step)
+            deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
+def parse_chat(body: bytes, limits: ImageLimits, *, default_max_tokens: int, fetcher=None,
+               max_depth: int = MAX_JSON_DEPTH) -> ParsedChat:
     """Validate a ``/v1/chat/completions`` body; decode and check its images (blocking: run in a thread)."""
-    data = parse_json(body)
+    data = parse_json(body, max_depth)
     _refuse_unsupported(data)
     messages = _messages(data.get("messages"), limits, fetcher)
     stream = _typed(data, "stream", bool, False)
     options = _typed(data, "stream_options", dict, None) or {}
     include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     model = _typed(data, "model", str, None)
-    return ParsedChat(ChatRequest(messages, _sampling(data, default_max_tokens)), stream, include_usage, model)
+    request = ChatRequest(messages, _sampling(data, default_max_tokens))
+    try:
+        check_request(request)  # the checks `smoledge run` makes too (seed range, UTF-8, ...)
+    except ParameterError as err:
+        raise bad(err.one_line(), err.param) from None
+    return ParsedChat(request, stream, include_usage, model)
 
 
 def _refuse_unsupported(data: dict[str, Any]) -> None:

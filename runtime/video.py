@@ -22,7 +22,6 @@ preprocessed as soon as it is decoded, so a long 4K clip never holds more than o
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -34,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from smoledge.runtime.data_url import decode_data_url
 from smoledge.errors import ConfigError, VideoError, VideoDecoderMissingError
+from smoledge.runtime.media import video_source
 from smoledge.runtime.preprocess import LANCZOS, resized_size
 
 VideoSource = str | Path | bytes
@@ -334,7 +333,7 @@ def _import_av():
 def _open_container(src: VideoSource):
     """``with _open_container(src) as (container, video_stream, what)``; open errors become VideoError."""
     av = _import_av()
-    target, what = _target(src)
+    target, what = video_source(src)
     try:
         container = av.open(target)
     except (av.error.FFmpegError, OSError, ValueError) as err:
@@ -345,33 +344,6 @@ def _open_container(src: VideoSource):
         yield container, container.streams.video[0], what
     finally:
         container.close()
-
-
-def _target(src: VideoSource) -> tuple[Any, str]:
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return _bytes_target(bytes(src), "the video data")
-    if isinstance(src, str) and src.startswith("data:"):
-        return _bytes_target(_decode_data_url(src), "the video data URL")
-    if isinstance(src, str) and src.startswith(("http://", "https://")):
-        raise VideoError(f"video URLs are not downloaded by the runtime: {src[:80]}",
-                         hint="download the video and pass a local path or its bytes")
-    if not isinstance(src, (str, Path)):
-        raise VideoError(f"unsupported video input of type {type(src).__name__}", hint="pass a file path or bytes")
-    path = Path(src)
-    if not path.is_file():
-        raise VideoError(f"video file not found: {path}" if not path.exists() else f"not a file: {path}",
-                         hint="check the path")
-    return str(path), str(path)
-
-
-def _bytes_target(data: bytes, what: str) -> tuple[io.BytesIO, str]:
-    if not data:
-        raise VideoError(f"{what} is empty (0 bytes)", hint="pass a complete video file")
-    return io.BytesIO(data), what
-
-
-def _decode_data_url(url: str) -> bytes:
-    return decode_data_url(url, "video", VideoError)
 
 
 def _clip_info(container, stream, what: str) -> ClipInfo:

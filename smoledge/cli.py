@@ -14,6 +14,7 @@ import sys
 
 from smoledge import __version__
 from smoledge.errors import SmolEdgeError
+from smoledge.redact import redact
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except SmolEdgeError as err:
         if args.debug:
             raise
-        print(f"smoledge {args.command}: error: {err}", file=sys.stderr)
+        print(f"smoledge {args.command}: error: {redact(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         if args.debug:

@@ -11,9 +11,11 @@ with ``--debug``).  The tree::
     ├── BundleError            a bundle that is missing, incomplete, tampered with or too new
     ├── InputError             a request the runtime cannot take
     │   ├── ImageError         missing, unreadable or unsupported image
+    │   │   └── ImageTooLargeError  an image over the byte or pixel limit
     │   ├── VideoError         missing, unreadable or unsupported video
     │   │   └── VideoDecoderMissingError  no video decoder installed here (the cloud may still take it)
-    │   └── PromptTooLongError prompt + max_new_tokens over the context window
+    │   ├── PromptTooLongError prompt + max_new_tokens over the context window
+    │   └── ParameterError     a request parameter out of range or of the wrong kind (``.param`` names it)
     ├── BackendError           local inference failed (runtime error, out of memory, missing kernels)
     │   ├── BackendUnavailableError  the backend cannot run on this platform / install
     │   └── DegenerateOutputError    NaN/Inf logits
@@ -71,6 +73,10 @@ class ImageError(InputError):
     pass
 
 
+class ImageTooLargeError(ImageError):
+    pass
+
+
 class VideoError(InputError):
     pass
 
@@ -81,6 +87,12 @@ class VideoDecoderMissingError(VideoError):
 
 class PromptTooLongError(InputError):
     pass
+
+
+class ParameterError(InputError):
+    def __init__(self, message: str, *, param: str | None = None, hint: str | None = None):
+        self.param = param
+        super().__init__(message, hint=hint)
 
 
 class BackendError(SmolEdgeError):
@@ -145,6 +157,20 @@ class FallbackFailedError(RoutingError):
             f"local inference failed: {_short(local)}; cloud fallback failed too: {_short(cloud)}",
             hint="fix either cause, e.g. free memory / use a smaller image, or check the network and HF_TOKEN",
         )
+
+
+def classify(err: BaseException) -> str:
+    """Who is to blame for ``err``: ``"input"`` (the request: never counts against local health, never
+    sent to the cloud), ``"cloud"`` (the cloud fallback) or ``"engine"`` (the local engine, or a bug).
+
+    Bad input the runtime meets too late to have a typed error for it (a lone surrogate the tokenizer
+    refuses, a seed numpy refuses) is caught before, by :mod:`smoledge.runtime.request_check`.
+    """
+    if isinstance(err, InputError) and not isinstance(err, (PromptTooLongError, VideoDecoderMissingError)):
+        return "input"
+    if isinstance(err, (CloudError, RoutingError)):
+        return "cloud"
+    return "engine"
 
 
 def _short(err: BaseException) -> str:

@@ -41,6 +41,7 @@ class Running:
              timeout: float = 30.0) -> httpx2.Response:
         if isinstance(body, dict):
             return httpx2.post(self.url + path, json=body, headers=headers, timeout=timeout)
+        headers = {"content-type": "application/json", **(headers or {})}  # the server requires JSON on /v1/*
         return httpx2.post(self.url + path, content=body, headers=headers, timeout=timeout)
 
     def stop(self, timeout: float = 20.0) -> None:
