@@ -1,8 +1,11 @@
 """Write a bundle atomically: build in a staging folder beside the target, then swap it in.
 
-An interrupted export leaves at most a hidden ``.NAME.staging-*`` folder (removed on the next export),
-never a folder that looks like a valid bundle.  Exporting another format into an existing bundle of the
-same checkpoint copies it into staging first, so the old bundle stays valid until the swap.
+An interrupted (even killed) export leaves at most hidden ``.NAME.staging-<pid>``, ``.NAME.old-<pid>``
+and ``.smoledge-<format>-<pid>-*`` scratch folders; the next export beside it removes those whose process
+is gone (``smoledge cache`` lists them too), never a live export's.  Nothing is written into an
+existing bundle before the swap: exporting another format into it hard-links its files into staging
+(free), and every file a target writes is first unlinked in staging (``path()``), so a write never goes
+through a link into the old, valid bundle.  ``write_zip`` writes the ``.zip`` form the runtime opens.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ class BundleStaging:
         self._source_files = source_files
 
     def __enter__(self) -> "BundleStaging":
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.parent.glob(f".{self.out.name}.staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if self.out.exists():
-            self.previous = self._existing_manifest()
-            shutil.copytree(self.out, self.staging, copy_function=_link_or_copy)
-        else:
-            self.staging.mkdir()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.out.parent)
+            if self.out.exists():
+                self.previous = self._existing_manifest()
+                shutil.copytree(self.out, self.staging, copy_function=_link_or_copy)
+            else:
+                self.staging.mkdir()
+        except OSError as err:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise _write_error(self.out, err) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -50,8 +56,13 @@ class BundleStaging:
         return manifest
 
     def path(self, relative: str) -> Path:
+        """Where to write ``relative`` in staging; a linked copy there (and its ``.data`` siblings) is
+        unlinked first, so the write makes a new file instead of changing the old bundle's."""
         target = self.staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
+        for old in (target, *target.parent.glob(f"{glob_escape(target.name)}.*")):
+            if old.is_file() or old.is_symlink():
+                old.unlink()
         return target
 
     def clear_format(self, relative_dir: str) -> None:
@@ -64,9 +75,14 @@ class BundleStaging:
         _write_json(self.staging / MANIFEST, manifest)
         open_bundle(self.staging, verify=False).verify(full=False)
         backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-        if self.out.exists():
-            os.replace(self.out, backup)
-        os.replace(self.staging, self.out)
+        try:
+            if self.out.exists():
+                os.replace(self.out, backup)
+            os.replace(self.staging, self.out)
+        except OSError as err:
+            if backup.exists() and not self.out.exists():
+                os.replace(backup, self.out)
+            raise _write_error(self.out, err) from None
         shutil.rmtree(backup, ignore_errors=True)
         return self.out
 
@@ -77,6 +93,90 @@ class BundleStaging:
             if path.is_file() and rel != MANIFEST:
                 files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         return files
+
+
+def scratch_prefix(fmt: str) -> str:
+    """The name prefix of a target's scratch folder beside the bundle (pid inside: leftovers are found)."""
+    return f".smoledge-{fmt}-{os.getpid()}-"
+
+
+_LEFTOVERS = (".*.staging-*", ".*.old-*", ".smoledge-*-*-*")
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Staging and scratch folders in ``folder`` left by exports whose process is gone."""
+    found = []
+    for pattern in _LEFTOVERS:
+        for path in Path(folder).glob(pattern):
+            pid = _pid_in(path.name)
+            if path.is_dir() and pid is not None and not _alive(pid):
+                found.append(path)
+    return found
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    removed = leftovers(folder)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _pid_in(name: str) -> int | None:
+    for marker in (".staging-", ".old-"):
+        if marker in name:
+            tail = name.rsplit(marker, 1)[1]
+            return int(tail) if tail.isdigit() else None
+    parts = name.split("-")  # .smoledge-<format>-<pid>-<random>
+    return int(parts[2]) if name.startswith(".smoledge-") and len(parts) >= 4 and parts[2].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _write_error(out: Path, err: OSError) -> ExportError:
+    import errno
+
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ExportError(f"cannot write the bundle at {out}: {err.strerror or err}",
+                           hint="choose a writable --out folder")
+    if err.errno == errno.ENOSPC:
+        return ExportError(f"the disk is full while writing the bundle at {out}", hint="free space or use another --out")
+    return ExportError(f"cannot write the bundle at {out}: {err.strerror or err}", hint="check the --out folder")
+
+
+def write_zip(bundle: Path, zip_path: Path | None = None) -> Path:
+    """Zip a finished bundle folder (manifest first, weights stored uncompressed) atomically beside it."""
+    import zipfile
+
+    bundle = Path(bundle)
+    zip_path = Path(zip_path) if zip_path is not None else bundle.with_name(bundle.name + ".zip")
+    files = sorted(open_bundle(bundle, verify=False).manifest["files"])
+    tmp = zip_path.with_name(f".{zip_path.name}.staging-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            for rel in (MANIFEST, *files):
+                packed = zipfile.ZIP_DEFLATED if rel.endswith((".json", ".txt", ".jinja")) else zipfile.ZIP_STORED
+                zf.write(bundle / rel, rel, compress_type=packed)
+        os.replace(tmp, zip_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(zip_path, err) from None
+    return zip_path
 
 
 def _link_or_copy(src, dst):

@@ -30,6 +30,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coreml-compression", default="linear", choices=["linear", "palettize"],
                         help="Core ML: blockwise linear quantization or k-means palettization (default linear)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (or add a format to)")
+    parser.add_argument("--zip", action="store_true",
+                        help="also write OUT.zip beside the folder (one file to copy; 'smoledge run' opens it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,6 +59,24 @@ def _positive_int(text: str, flag: str) -> int:
     return int(text)
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, before minutes of export work (not after)."""
+    import tempfile
+
+    from smoledge.errors import ConfigError
+
+    folder = Path(out).expanduser().absolute()
+    existing = folder if folder.exists() else next(p for p in folder.parents if p.exists())
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder", hint="choose a folder path for --out")
+    try:  # a real write: access() says yes to root on a read-only file system
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {out} is not writable ({existing}: {err.strerror or err})",
+                          hint="choose a writable --out folder") from None
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
     import warnings
@@ -64,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.export.pipeline import ExportJob, export_bundle, target_module
     from smoledge.quantize.recipe import load_recipe, with_vision_precision
 
+    check_out(args.out)
     if not args.debug:
         _quiet_libraries(logging, warnings)
     formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
@@ -85,4 +106,8 @@ def main(args: argparse.Namespace) -> int:
                     target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision)
     path = export_bundle(job, show_progress=not args.no_progress)
     print(path)
+    if args.zip:
+        from smoledge.export.bundle_writer import write_zip
+
+        print(write_zip(path))
     return 0

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from smoledge.export.bundle_writer import BundleStaging
+from smoledge.export.bundle_writer import BundleStaging, scratch_prefix
 from smoledge.quantize.recipe import Recipe
 
 FORMAT = "onnx"
@@ -34,7 +34,7 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
     staging.clear_format(FORMAT)
     config = OnnxExportConfig(opset=options.opset)
     graphs = {}
-    with tempfile.TemporaryDirectory(dir=staging.staging.parent, prefix=".smoledge-onnx-") as tmp:
+    with tempfile.TemporaryDirectory(dir=staging.staging.parent, prefix=scratch_prefix("onnx")) as tmp:
         for name in GRAPHS:
             if progress:
                 progress.set_postfix_str(f"onnx: {name}")

@@ -63,7 +63,7 @@ def read_file(path: str | Path, cap: int, *, what: str, error: type[InputError],
         with open(path, "rb") as fh:
             data = fh.read(cap + 1)
     except FileNotFoundError:
-        raise error(f"{what} file not found: {path}", hint="check the path") from None
+        raise error(f"cannot read {what} file {path}: not found", hint="check the path") from None
     except IsADirectoryError:
         raise error(f"{what} path is a directory, not a file: {path}", hint=f"pass a {what} file") from None
     except OSError as err:

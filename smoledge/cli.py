@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "usage": ("smoledge.cloud_fallback.usage_cli", "print the cloud usage ledger"),
     "serve": ("smoledge.runtime.server", "serve a bundle over an OpenAI-compatible HTTP API"),
     "bench": ("smoledge.benchmarks.cli", "measure bundles side by side with transformers and llama.cpp"),
+    "cache": ("smoledge.cache_cli", "show what the smoledge cache holds, or prune it"),
 }
 
 

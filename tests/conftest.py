@@ -3,6 +3,7 @@ the smoledge cache dir, keyed by their build recipe)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,66 @@ def synthetic_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
     base = np.stack([(x * 255 / max(width, 1)), (y * 255 / max(height, 1)), ((x + y) * 127 / max(width + height, 1))], -1)
     img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype("uint8")
     return Image.fromarray(img).convert(mode)
+
+
+# --- the test token never leaves the process (issue 17) ---------------------------------------------
+# Every subprocess's output, every test's captured output and logs, every ledger file a test wrote and
+# every body the fake router received is searched for the cloud tests' token; a hit fails the test (or
+# the session, for what is only known at the end).
+LEAK_TOKENS = ("hf_SECRETtesttoken0123456789",)  # test_cloud_fakes.TOKEN
+_outputs: list[tuple[str, object]] = []
+_basetemp: list[Path] = []
+
+
+def find_leaks(sources) -> list[str]:
+    """The names of the ``(name, text or bytes)`` sources that hold a test token."""
+    hits = []
+    for name, text in sources:
+        data = text if isinstance(text, bytes) else str(text).encode("utf-8", "replace")
+        if any(token.encode() in data for token in LEAK_TOKENS):
+            hits.append(name)
+    return hits
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_subprocess_output(tmp_path_factory):
+    _basetemp.append(tmp_path_factory.getbasetemp())
+    original = subprocess.run
+
+    def run(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for stream in ("stdout", "stderr"):
+            if getattr(result, stream, None):
+                _outputs.append((f"{stream} of {str(result.args)[:120]}", getattr(result, stream)))
+        return result
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess, "run", run)
+    yield
+    patch.undo()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    sources = [(f"{item.nodeid}: {title}", text) for title, text in report.sections]
+    sources += _outputs
+    _outputs.clear()
+    leaks = find_leaks(sources)
+    if leaks and report.outcome != "failed":
+        report.outcome = "failed"
+        report.longrepr = f"the test token leaked into: {', '.join(leaks)}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    sources = []
+    fakes = sys.modules.get("test_cloud_fakes")
+    for router in getattr(fakes, "ALL_ROUTERS", []):
+        sources += [(f"fake router body {r.path}", json.dumps(r.body)) for r in list(router.requests) if r.body]
+    for root in _basetemp:
+        sources += [(str(p), p.read_bytes()) for p in root.rglob("*ledger*") if p.is_file()]
+    leaks = find_leaks(sources)
+    if leaks:
+        print(f"\nthe test token leaked into: {', '.join(leaks[:20])}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

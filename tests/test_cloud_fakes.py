@@ -36,6 +36,7 @@ from smoledge.cloud_fallback.engine import LocalEngine
 from smoledge.runtime.types import ChatRequest, Message, RequestShape, SamplingConfig, StreamChunk
 
 TOKEN = "hf_SECRETtesttoken0123456789"
+ALL_ROUTERS: list = []
 CLOUD_TEXT = "A lighthouse on a rocky coast at dusk."
 LOCAL_TEXT = "a small red boat"
 PROMPT = "Describe the harbour photo in detail please"
@@ -70,7 +71,8 @@ class Reply:
     a split ``data:`` event) | no_usage | trickle (200, then only keep-alive comments and empty deltas,
     one every ``delay_s``, for ``hold_s``; then ``then_silent_s`` of silence) | silent (reads the request,
     then says nothing for ``hold_s``) | gzip_garbage (a body that does not decompress) | redirect (302) |
-    slow_words (the answer, one word every ``delay_s``)
+    slow_words (the answer, one word every ``delay_s``) | echo_auth (400 whose message repeats the
+    Authorization header)
     """
 
     kind: str = "ok"
@@ -98,6 +100,9 @@ class FakeRouter:
     queue: list = field(default_factory=list)
     requests: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        ALL_ROUTERS.append(self)  # conftest checks every recorded body for the test token
 
     @property
     def url(self) -> str:
@@ -155,6 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
                     429: "Too many requests", 500: "Internal error", 503: "Service unavailable"}
         headers = {"Retry-After": reply.retry_after} if reply.retry_after is not None else {}
         self._send_json(code, {"error": {"message": messages.get(code, "error")}}, headers)
+
+    def _reply_echo_auth(self, reply: Reply, body: dict) -> None:  # a router that echoes the credentials
+        self._send_json(400, {"error": {"message": f"bad request from {self.headers.get('Authorization')}"}})
 
     def _reply_ok(self, reply: Reply, body: dict) -> None:
         self._start_stream(reply)
