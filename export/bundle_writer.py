@@ -155,7 +155,8 @@ def _write_error(out: Path, err: OSError) -> ExportError:
         return ExportError(f"cannot write the bundle at {out}: {err.strerror or err}",
                            hint="choose a writable --out folder")
     if err.errno == errno.ENOSPC:
-        return ExportError(f"the disk is full while writing the bundle at {out}", hint="free space or use another --out")
+        return ExportError(f"the disk is full while writing the bundle at {out}",
+                           hint="free space or use another --out")
     return ExportError(f"cannot write the bundle at {out}: {err.strerror or err}", hint="check the --out folder")
 
 

@@ -89,6 +89,7 @@ def prompt_text(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from smoledge.cloud_fallback import answer, format_decision, router_config_from_args
+    from smoledge.redact import redact
     from smoledge.runtime.pipeline import Pipeline
     from smoledge.runtime.video import resolve_max_frames
 
@@ -106,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
 
     def show(decision) -> None:
         if args.stats or decision.route == "cloud":  # a refusal is raised as the error itself
-            print(format_decision(decision), file=sys.stderr, flush=True)
+            print(redact(format_decision(decision)), file=sys.stderr, flush=True)
 
     result = answer(request, pipe, config=config, on_decision=show)
     pieces = []

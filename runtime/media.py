@@ -70,7 +70,8 @@ def read_file(path: str | Path, cap: int, *, what: str, error: type[InputError],
         raise error(f"cannot read {what} file {path}: {err.strerror or err}",
                     hint="check the file permissions") from None
     if len(data) > cap:
-        raise (too_large or error)(f"{what} file {path} is over the limit of {cap / MB:.0f} MiB", hint=f"pass a smaller {what}")
+        raise (too_large or error)(f"{what} file {path} is over the limit of {cap / MB:.0f} MiB",
+                                   hint=f"pass a smaller {what}")
     return data
 
 
@@ -82,15 +83,15 @@ def decode_data_url(url: str, kind: str, cap: int, error: type[InputError],
         raise error(f"unsupported data URL: expected data:{kind}/...;base64,...",
                     hint=f"encode the {kind} as a base64 data URL or pass its bytes")
     if len(payload) // 4 * 3 > cap + 2:
-        raise (too_large or error)(f"the {kind} data URL holds about {len(payload) // 4 * 3 / MB:.1f} MiB, over the limit of "
-                    f"{cap / MB:.1f} MiB", hint=f"send a smaller {kind}")
+        raise (too_large or error)(f"the {kind} data URL holds about {len(payload) // 4 * 3 / MB:.1f} MiB, over "
+                                   f"the limit of {cap / MB:.1f} MiB", hint=f"send a smaller {kind}")
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise error(f"the {kind} data URL is not valid base64", hint=f"re-encode the {kind}") from None
     if len(data) > cap:
-        raise (too_large or error)(f"the {kind} data URL holds {len(data) / MB:.1f} MiB, over the limit of {cap / MB:.1f} MiB",
-                    hint=f"send a smaller {kind}")
+        raise (too_large or error)(f"the {kind} data URL holds {len(data) / MB:.1f} MiB, over the limit of "
+                                   f"{cap / MB:.1f} MiB", hint=f"send a smaller {kind}")
     return data
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smoledge.errors import ParameterError
+from smoledge.redact import redact
 from smoledge.runtime.request_check import check_request
 from smoledge.runtime.server_errors import bad
 from smoledge.runtime.server_images import ImageLimits, resolve_image
@@ -57,10 +58,10 @@ class Route:
     reason: str
 
     def to_json(self) -> dict[str, str]:
-        return {"route": self.route, "code": self.code, "reason": self.reason}
+        return {"route": self.route, "code": self.code, "reason": redact(self.reason)}
 
     def headers(self) -> dict[str, str]:
-        reason = self.reason.encode("ascii", "replace").decode("ascii")[:500]
+        reason = redact(self.reason).encode("ascii", "replace").decode("ascii")[:500]
         return {"x-smoledge-route": self.route, "x-smoledge-route-code": self.code, "x-smoledge-route-reason": reason}
 
 

@@ -3,10 +3,10 @@
 The cache (``$SMOLEDGE_CACHE_DIR`` or the user cache dir) holds built demo ``models/``, bundles
 extracted from zips (``bundles/``), verified-hash stamps (``verified/``), device ``calibration/``,
 benchmark builds (``bench/``), the cloud usage ledger, and - after a crash - leftovers: half-extracted
-``.partial`` folders and export staging folders.  ``prune`` removes what is safe to lose and cheap to
-rebuild: leftovers of dead processes, extracted copies whose zip is gone or changed, and corrupt stamps.  ``prune --all`` also removes every extracted bundle and all stamps (they are
-re-made on the next run); it never removes models, calibration or the usage ledger (delete those by
-hand if you mean to).
+``.partial`` folders and staging folders of dead processes.  ``prune`` removes what is safe to lose
+and cheap to rebuild: leftovers, extracted copies whose zip is gone or changed, and corrupt stamps.
+``prune --all`` also removes every extracted bundle and all stamps (re-made on the next run); it never
+removes models, calibration or the usage ledger (delete those by hand if you mean to).
 """
 
 from __future__ import annotations

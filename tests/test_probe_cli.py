@@ -254,3 +254,17 @@ def test_a_prompt_longer_than_one_argument_goes_through_stdin(tiny_int4_bundle):
                             timeout=120)
     err = result.stderr.decode()
     assert result.returncode == 2 and "context" in err.lower() and "Traceback" not in err, err
+
+
+def test_d10_logs_are_sanitised(caplog):
+    import logging
+
+    from smoledge.redact import install_log_filter
+
+    install_log_filter("smoledge.probe-test")
+    log = logging.getLogger("smoledge.probe-test")
+    try:
+        raise RuntimeError(f"upstream said: Authorization: Bearer {TOKEN}")
+    except RuntimeError:
+        log.error("request failed for %s", f"https://me:{TOKEN}@router", exc_info=True)
+    assert caplog.records and TOKEN not in caplog.text and "***" in caplog.text
