@@ -268,3 +268,10 @@ def test_d10_logs_are_sanitised(caplog):
     except RuntimeError:
         log.error("request failed for %s", f"https://me:{TOKEN}@router", exc_info=True)
     assert caplog.records and TOKEN not in caplog.text and "***" in caplog.text
+
+
+def test_the_session_leak_check_finds_the_token_anywhere():
+    from conftest import find_leaks
+
+    sources = [("clean", "no secrets here"), ("stderr", f"error: {TOKEN}".encode()), ("log", f"x{TOKEN}x")]
+    assert find_leaks(sources) == ["stderr", "log"]

@@ -123,9 +123,10 @@ def test_d3_slowloris_cannot_starve_health_or_requests(tiny):
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 4
         assert time.monotonic() - started < 2.0
         time.sleep(1.3)  # past the 1 s header deadline: the server has closed them, with a 408
-        held[0].settimeout(2)
-        assert held[0].recv(100).startswith(b"HTTP/1.1 408")
-        assert all(s.recv(4096) is not None for s in held[1:5])
+        for s in held:
+            s.settimeout(2)
+            data = s.recv(100)
+            assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
     finally:
         for s in held:
             s.close()
