@@ -19,7 +19,7 @@ from smoledge.export.bundle_writer import BundleStaging, write_zip
 from smoledge.runtime.bundle import open_bundle
 from smoledge.runtime.bundle_zip import extract_zip
 
-DEAD_PID = 4_000_000  # above Linux's pid_max: never a live process
+DEAD_PID = 4_194_305  # above the largest pid_max Linux allows: never a live process
 
 
 @pytest.fixture
