@@ -51,10 +51,11 @@ def workload_for(size: str, quick: bool) -> Workload:
 
 
 def default_formats() -> tuple[str, ...]:
-    """ONNX always; the ExecuTorch .pte beside it where executorch is installed (the [executorch] extra)."""
-    import importlib.util
+    """The registered formats with runtime parity whose backend runs on this machine (the format registry):
+    ONNX always, the ExecuTorch .pte beside it where executorch is installed (the [executorch] extra)."""
+    from smoledge.runtime.formats import FORMATS
 
-    return ("onnx", "executorch") if importlib.util.find_spec("executorch") else ("onnx",)
+    return tuple(name for name, spec in FORMATS.items() if spec.parity == "runtime" and spec.runs_here())
 
 
 def default_threads() -> int:

@@ -6,7 +6,6 @@ cached under ``<smoledge cache>/bench/<size>-<model stamp>/``, so a rebuilt mode
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +45,12 @@ def work_dir_for(size: str, model_dir: Path) -> Path:
 def ensure_bundle(model_dir: Path, work_dir: Path, recipe: str = "int4", formats: tuple[str, ...] = ("onnx",)) -> Path:
     """Our default bundle of this model with ``formats`` in it, exported with ``export_bundle`` (formats a
     cached bundle lacks are added to it)."""
-    out = work_dir / f"smoledge-{recipe}"
-    manifest = out / "manifest.json"
-    have = set(json.loads(manifest.read_text()).get("artifacts", {})) if manifest.is_file() else set()
+    from smoledge.runtime.manifest import SCHEMA_VERSION
+
+    out = work_dir / f"smoledge-{recipe}-schema{SCHEMA_VERSION}"  # a cached bundle of an older schema is left alone
+    from smoledge.runtime.bundle import MANIFEST, open_bundle
+
+    have = set(open_bundle(out, verify=False).formats) if (out / MANIFEST).is_file() else set()
     wanted = tuple(f for f in formats if f not in have)
     if not wanted:
         return out
@@ -83,22 +85,25 @@ class PromptMaker:
     def __init__(self, bundle: Path):
         from tokenizers import Tokenizer
 
-        self.manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        self.tokenizer = Tokenizer.from_file(str(Path(bundle) / self.manifest["tokenizer"]["file"]))
+        from smoledge.runtime.bundle import open_bundle
+
+        self.bundle = open_bundle(bundle, verify=False)
+        self.manifest = self.bundle.manifest
+        self.tokenizer = Tokenizer.from_file(str(self.bundle.file(self.manifest.tokenizer.file)))
 
     def _tokens(self):
         from smoledge.runtime.prompt import ImageTokens
 
-        t = self.manifest["tokens"]
-        return ImageTokens.from_dict({k: t[k] for k in ("image", "fake_image", "global_image")})
+        t = self.manifest.tokens
+        return ImageTokens(t.image, t.fake_image, t.global_image)
 
     def text_ids(self, prompt: str) -> list[int]:
         from smoledge.runtime.prompt import add_special_tokens_for, build_prompt
         from smoledge.runtime.types import Message
 
-        m, bos = self.manifest, self.manifest["tokens"].get("bos_token")
-        text = build_prompt((Message.user(prompt),), [], m["chat_template"], self._tokens(),
-                            m["image"]["image_seq_len"], bos_token=bos, eos_token=m["tokens"].get("eos_token"))
+        m, bos = self.manifest, self.manifest.tokens.bos_token
+        text = build_prompt((Message.user(prompt),), [], m.chat_template, self._tokens(),
+                            m.image.image_seq_len, bos_token=bos, eos_token=m.tokens.eos_token)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens_for(text, bos)).ids
 
     def chat_text(self, prompt: str, image: Path | None) -> str:
@@ -106,9 +111,8 @@ class PromptMaker:
         from smoledge.runtime.types import Message
 
         m = self.manifest
-        return render_chat((Message.user(prompt, [image] if image else []),), m["chat_template"],
-                           add_generation_prompt=True, bos_token=m["tokens"].get("bos_token"),
-                           eos_token=m["tokens"].get("eos_token"))
+        return render_chat((Message.user(prompt, [image] if image else []),), m.chat_template,
+                           add_generation_prompt=True, bos_token=m.tokens.bos_token, eos_token=m.tokens.eos_token)
 
     def cases(self, workload: Workload, image: Path, split_image: Path) -> dict[str, Case]:
         ids = tuple(self.text_ids(workload.prompt))

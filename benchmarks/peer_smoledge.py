@@ -8,7 +8,6 @@ ExecuTorch and Core ML backends join the benchmark by being registered there.  T
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from smoledge.benchmarks.peers import Case, Engine, FirstToken, PrepareContext, Subject
+from smoledge.runtime.manifest import Artifact, Manifest
 
 NAME = "smoledge"
-# backend -> the option that sets its thread count (a backend without one runs its default)
-THREAD_OPTIONS = {"onnx": "threads", "executorch": "threads"}
 
 
 def missing() -> str | None:
@@ -28,40 +26,38 @@ def missing() -> str | None:
 
 
 def prepare(ctx: PrepareContext) -> list[Subject]:
-    from smoledge.runtime.backends import BACKENDS
+    from smoledge.runtime.bundle import open_bundle
+    from smoledge.runtime.formats import FORMATS
 
     subjects = []
     for bundle in ctx.bundles:
-        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        for fmt, artifact in manifest["artifacts"].items():
-            if fmt not in BACKENDS:
+        manifest = open_bundle(bundle, verify=False).manifest
+        for fmt, artifact in manifest.artifacts.items():
+            if fmt not in FORMATS:
                 continue
             subjects.append(Subject(
-                name=f"smoledge {fmt} {artifact.get('recipe', {}).get('name', '')} ({Path(bundle).name})".strip(),
+                name=f"smoledge {fmt} {artifact.recipe_name or ''} ({Path(bundle).name})".strip(),
                 peer=NAME, artifact=str(bundle), options={"format": fmt},
                 size_bytes=artifact_bytes(manifest, fmt), bits_per_weight=bits_per_weight(artifact),
-                notes=(f"recipe {artifact.get('recipe', {}).get('name')}",)))
+                notes=(f"recipe {artifact.recipe_name}",)))
     return subjects
 
 
-def artifact_bytes(manifest: dict, fmt: str) -> int:
+def artifact_bytes(manifest: Manifest, fmt: str) -> int:
     """Bytes on disk of one format's files plus the tokenizer (what a device must hold to run it)."""
-    files = manifest.get("files", {})
-    prefix = f"{fmt}/"
-    total = sum(f.get("size", 0) for name, f in files.items() if name.startswith(prefix))
-    tokenizer = manifest.get("tokenizer", {}).get("file")
-    return total + (files.get(tokenizer, {}).get("size", 0) if tokenizer else 0)
+    needed = {rel for graph in manifest.artifacts[fmt].graphs.values() for rel in graph.files}
+    needed.add(manifest.tokenizer.file)
+    return sum(entry.size for rel, entry in manifest.files.items() if rel in needed)
 
 
-def bits_per_weight(artifact: dict) -> float | None:
+def bits_per_weight(artifact: Artifact) -> float | None:
     """Weighted bits per weight over the text graphs (embedding + decoder, lm_head included)."""
     bits = weights = 0.0
-    for name, graph in artifact.get("graphs", {}).items():
-        report = graph.get("quantization") or {}
-        count = report.get("weights") or report.get("parameters")
-        if name == "vision_encoder" or not count or report.get("bits_per_weight") is None:
+    for name, graph in artifact.graphs.items():
+        count = graph.weight_count
+        if name == "vision_encoder" or not count or graph.bits_per_weight is None:
             continue
-        bits += report["bits_per_weight"] * count
+        bits += graph.bits_per_weight * count
         weights += count
     return round(bits / weights, 3) if weights else None
 
@@ -73,9 +69,10 @@ class SmolEdgeEngine(Engine):
     def __init__(self, subject: Subject, threads: int):
         from smoledge.runtime.pipeline import Pipeline
 
+        from smoledge.runtime.formats import backend_options
+
         fmt = subject.options["format"]
-        options = {THREAD_OPTIONS[fmt]: threads} if fmt in THREAD_OPTIONS else {}
-        self.pipe = Pipeline.load(subject.artifact, backend=fmt, **options)
+        self.pipe = Pipeline.load(subject.artifact, backend=fmt, **backend_options(fmt, threads=threads))
         self.backend = self.pipe.backend
         self.image_config = self.pipe.image_config
 
@@ -115,20 +112,9 @@ class SmolEdgeEngine(Engine):
             yield int(token)
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        input_ids = np.asarray([ids], dtype=np.int64)
-        embeds = self.backend.embed(input_ids)
-        if hasattr(self.backend, "sessions"):  # ONNX: the whole sequence in one decoder call
-            return _onnx_all_logits(self.backend, embeds)
-        cache = self.backend.new_cache(len(ids))  # any backend: one teacher-forced step per token
-        return np.stack([self.backend.step(embeds[:, i:i + 1], cache) for i in range(len(ids))]).astype(np.float32)
+        from smoledge.runtime.backends import all_logits
 
-
-def _onnx_all_logits(backend, embeds: np.ndarray) -> np.ndarray:
-    length = embeds.shape[1]
-    feed = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, length), np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None]}
-    feed.update(zip(backend.past_names, backend.new_cache(length).past))
-    return backend.sessions["decoder_model_merged"].run(["logits"], feed)[0][0].astype(np.float32)
+        return all_logits(self.backend, self.backend.embed(np.asarray([ids], dtype=np.int64)))
 
 
 def open_engine(subject: Subject, threads: int, fidelity: bool = False) -> SmolEdgeEngine:

@@ -8,12 +8,12 @@ first token, per vision tile).  ``capabilities(manifest, profile)`` is pure: wha
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, UTC
-from typing import Any
 
 from smoledge.errors import BackendError
+from smoledge.runtime.manifest import Manifest
+from smoledge.runtime.preprocess import ImageProcessorConfig
 from smoledge.runtime.types import ChatRequest, Message, RequestShape, SamplingConfig
 
 from .engine import LocalEngine
@@ -56,7 +56,7 @@ def calibrate(engine: LocalEngine, *, new_tokens: int = 24) -> SpeedFigures:
     t = time_request(engine, text)
     prefill = t.prompt_tokens / max(t.first_token_s, 1e-6)
     decode = (t.new_tokens - 1) / t.decode_s if t.new_tokens > 1 and t.decode_s > 0 else 0.0
-    tile = int(engine.manifest.get("image", {}).get("tile_size", 512))
+    tile = engine.manifest.image.tile_size
     image_request = ChatRequest((Message.user(_IMAGE_PROMPT, [_test_image(tile)]),), SamplingConfig(max_new_tokens=1))
     i = time_request(engine, image_request)
     encode = max(0.0, i.first_token_s - i.prompt_tokens / prefill) / max(1, i.tiles)
@@ -84,25 +84,25 @@ class Capabilities:
     typical_peak_bytes: int
 
 
-def capabilities(manifest: Mapping[str, Any], profile: DeviceProfile, *, typical_new_tokens: int = 256) -> Capabilities:
+def capabilities(manifest: Manifest, profile: DeviceProfile, *, typical_new_tokens: int = 256) -> Capabilities:
     """What ``profile`` can run of this bundle: tiles and tokens that fit, and a typical one-image request."""
-    mem = manifest["memory"]
-    weights, kv, per_tile = int(mem["weight_bytes"]), int(mem["kv_bytes_per_token"]), int(mem["vision_bytes_per_tile"])
-    image = manifest.get("image", {})
+    mem = manifest.memory
+    weights, kv, per_tile = mem.weight_bytes, mem.kv_bytes_per_token, mem.vision_bytes_per_tile
+    image = manifest.image
     tiles = _tiles_per_image(image)
-    prompt = tiles * int(image.get("image_seq_len", 64)) + 32
-    free = profile.memory_budget_bytes - weights - int(mem.get("activation_bytes", 0))
+    prompt = tiles * image.image_seq_len + 32
+    free = profile.memory_budget_bytes - weights - mem.activation_bytes
     max_tiles = min(profile.max_image_tiles, max(0, (free - kv * (prompt + typical_new_tokens)) // max(per_tile, 1)))
-    max_tokens = min(int(manifest["context_length"]), profile.max_context,
+    max_tokens = min(manifest.context_length, profile.max_context,
                      max(0, (free - per_tile * tiles) // max(kv, 1)))
     est = estimate(RequestShape(prompt, typical_new_tokens, image_tiles=tiles, images=1), manifest, profile)
     return Capabilities(free >= 0, int(max_tiles), int(max_tokens), tiles, est.first_token_s, est.total_s,
                         est.peak_memory_bytes)
 
 
-def _tiles_per_image(image: Mapping[str, Any]) -> int:
+def _tiles_per_image(image: ImageProcessorConfig) -> int:
     """Tiles of a typical large photo: the split grid at ``longest_edge`` plus the global image."""
-    if not image.get("do_image_splitting", True):
+    if not image.do_image_splitting:
         return 1
-    per_side = -(-int(image.get("longest_edge", 1536)) // int(image.get("tile_size", 512)))
+    per_side = -(-image.longest_edge // image.tile_size)
     return per_side * per_side + 1

@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from smoledge.errors import (
     CloudRateLimitError,
     CloudUnavailableError,
 )
+from smoledge.runtime.manifest import Manifest
 from smoledge.runtime.types import ChatRequest, StreamChunk
 
 from .client import CallRecord, RouterClient, tag
@@ -69,14 +70,15 @@ class _AnswerBroken(Exception):
         self.error = error
 
 
-def cloud_targets(config: CloudConfig, manifest: Mapping[str, Any] | None) -> tuple[str, ...]:
+def cloud_targets(config: CloudConfig, manifest: Manifest | None) -> tuple[str, ...]:
     """The ordered models to try: the config's list, else the bundle's substitute + alternatives, else defaults."""
     if config.models:
         return config.models
-    cloud = (manifest or {}).get("cloud") or {}
-    first = [cloud["substitute_model"]] if cloud.get("substitute_model") else []
-    listed = first + list(cloud.get("alternatives") or [])
-    return tuple(str(m) for m in listed) or DEFAULT_MODELS
+    if manifest is None:
+        return DEFAULT_MODELS
+    cloud = manifest.cloud
+    listed = ([cloud.substitute_model] if cloud.substitute_model else []) + list(cloud.alternatives)
+    return tuple(listed) or DEFAULT_MODELS
 
 
 class CloudFallback:

@@ -46,10 +46,10 @@ def main(args: argparse.Namespace) -> int:
         engine = load_engine(args.bundle)
         if args.calibrate:
             speed = calibrate(engine)
-            model = str(engine.manifest.get("source", {}).get("model_id", ""))
+            model = engine.manifest.source.model_id
             report["calibration_file"] = str(save_calibration(cache_dir, name, speed, extra={"model_id": model}))
         profile = load_profile(name, cache_dir=cache_dir)
-        report["bundle"] = {"path": str(args.bundle), "model_id": engine.manifest.get("source", {}).get("model_id"),
+        report["bundle"] = {"path": str(args.bundle), "model_id": engine.manifest.source.model_id,
                             **asdict(capabilities(engine.manifest, profile))}
     else:
         profile = load_profile(name, cache_dir=cache_dir)

@@ -6,17 +6,19 @@ test double.  The router never imports a backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
+from smoledge.runtime.manifest import Manifest
 from smoledge.runtime.types import ChatRequest, RequestShape, StreamChunk
 
 
 @runtime_checkable
 class LocalEngine(Protocol):
     @property
-    def manifest(self) -> Mapping[str, Any]:
-        """The bundle's manifest.json: ``context_length``, ``memory``, ``source``, ``image``, ``cloud``."""
+    def manifest(self) -> Manifest:
+        """The bundle's typed manifest (the router reads ``context_length``, ``memory``, ``source``, ``image``,
+        ``cloud``); ``context_length`` is the window this engine serves."""
         ...
 
     def measure(self, request: ChatRequest) -> RequestShape:

@@ -15,11 +15,11 @@ A request is *oversized* for a device when any of these holds (all that hold are
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
-from smoledge.errors import BundleError, DeadlineExceededError, SmolEdgeError
+from smoledge.errors import DeadlineExceededError, SmolEdgeError
+from smoledge.runtime.manifest import Manifest
 from smoledge.runtime.types import RequestShape
 
 from .config import PolicyConfig
@@ -92,7 +92,7 @@ def describe_error(err: BaseException) -> str:
 
 def decide(
     shape: RequestShape,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     profile: DeviceProfile,
     health: LocalHealth,
     policy: PolicyConfig,
@@ -141,24 +141,24 @@ def _health_reason(health: LocalHealth, policy: PolicyConfig) -> str:
     return f"local engine missed the first-token deadline {health.deadline_misses} times in a row"
 
 
-def estimate(shape: RequestShape, manifest: Mapping[str, Any], profile: DeviceProfile) -> Estimate:
-    mem = _memory_figures(manifest)
+def estimate(shape: RequestShape, manifest: Manifest, profile: DeviceProfile) -> Estimate:
+    mem = manifest.memory
     tokens = shape.prompt_tokens + shape.max_new_tokens
     encodes = shape.image_tiles + shape.video_frames
-    kv = mem["kv_bytes_per_token"] * tokens
-    vision = mem["vision_bytes_per_tile"] * encodes
-    peak = mem["weight_bytes"] + kv + vision + mem.get("activation_bytes", 0)
+    kv = mem.kv_bytes_per_token * tokens
+    vision = mem.vision_bytes_per_tile * encodes
+    peak = mem.weight_bytes + kv + vision + mem.activation_bytes
     speed = profile.speed
     first = encodes * speed.tile_encode_s + _per(shape.prompt_tokens, speed.prefill_tok_s)
     total = first + _per(shape.max_new_tokens, speed.decode_tok_s)
     return Estimate(
-        peak_memory_bytes=peak, weight_bytes=mem["weight_bytes"], kv_cache_bytes=kv, vision_bytes=vision,
-        first_token_s=first, total_s=total, context_limit=min(_context_length(manifest), profile.max_context),
+        peak_memory_bytes=peak, weight_bytes=mem.weight_bytes, kv_cache_bytes=kv, vision_bytes=vision,
+        first_token_s=first, total_s=total, context_limit=min(manifest.context_length, profile.max_context),
     )
 
 
 def oversize_reasons(
-    shape: RequestShape, manifest: Mapping[str, Any], profile: DeviceProfile, est: Estimate, policy: PolicyConfig
+    shape: RequestShape, manifest: Manifest, profile: DeviceProfile, est: Estimate, policy: PolicyConfig
 ) -> list[str]:
     out = []
     where = f"on {profile.name}"
@@ -168,7 +168,7 @@ def oversize_reasons(
         out.append(f"{shape.video_frames} video frames > {profile.max_video_frames} allowed {where}")
     tokens = shape.prompt_tokens + shape.max_new_tokens
     if tokens > est.context_limit:
-        owner = "the model's context window" if est.context_limit == _context_length(manifest) else f"context {where}"
+        owner = "the model's context window" if est.context_limit == manifest.context_length else f"context {where}"
         out.append(f"{_n(shape.prompt_tokens)} prompt + {_n(shape.max_new_tokens)} new tokens = {_n(tokens)} > "
                    f"{_n(est.context_limit)} {owner}")
     if est.peak_memory_bytes > profile.memory_budget_bytes:
@@ -187,25 +187,6 @@ def _deadline_reasons(est: Estimate, policy: PolicyConfig, where: str) -> list[s
     if policy.deadline_s is not None and est.total_s > policy.deadline_s:
         out.append(f"predicted {est.total_s:.1f} s locally {where} > {policy.deadline_s:g} s deadline")
     return out
-
-
-def _memory_figures(manifest: Mapping[str, Any]) -> dict[str, int]:
-    try:
-        mem = manifest["memory"]
-        out = {k: int(mem[k]) for k in ("weight_bytes", "kv_bytes_per_token", "vision_bytes_per_tile")}
-        out["activation_bytes"] = int(mem.get("activation_bytes", 0))
-        return out
-    except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"bundle manifest lacks the memory figures the router needs ({err})",
-                          hint="re-export the bundle with this smoledge version") from err
-
-
-def _context_length(manifest: Mapping[str, Any]) -> int:
-    try:
-        return int(manifest["context_length"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"bundle manifest lacks context_length ({err})",
-                          hint="re-export the bundle with this smoledge version") from err
 
 
 def _per(amount: int, rate: float) -> float:

@@ -10,6 +10,7 @@ through a link into the old, valid bundle.  ``write_zip`` writes the ``.zip`` fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,13 +18,14 @@ from pathlib import Path
 
 from smoledge.errors import ExportError
 from smoledge.runtime.bundle import MANIFEST, open_bundle, read_manifest, sha256_file
+from smoledge.runtime.manifest import FileEntry, Manifest
 
 
 class BundleStaging:
     def __init__(self, out: Path, source_files: dict[str, str]):
         self.out = Path(out)
         self.staging = self.out.parent / f".{self.out.name}.staging-{os.getpid()}"
-        self.previous: dict | None = None
+        self.previous: Manifest | None = None
         self._source_files = source_files
 
     def __enter__(self) -> "BundleStaging":
@@ -44,15 +46,15 @@ class BundleStaging:
         if self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
 
-    def _existing_manifest(self) -> dict:
+    def _existing_manifest(self) -> Manifest | None:
         if not self.out.is_dir() or (not (self.out / MANIFEST).is_file() and any(self.out.iterdir())):
             raise ExportError(f"{self.out} exists and is not a smoledge bundle", hint="choose a new or empty --out")
         if not (self.out / MANIFEST).is_file():
-            return {}
+            return None
         manifest = read_manifest(self.out)
-        if manifest["source"].get("files") != self._source_files:
+        if manifest.source.files != self._source_files:
             raise ExportError(f"the bundle at {self.out} was exported from another checkpoint "
-                              f"({manifest['source'].get('model_id')})", hint="export into a new --out folder")
+                              f"({manifest.source.model_id})", hint="export into a new --out folder")
         return manifest
 
     def path(self, relative: str) -> Path:
@@ -69,10 +71,9 @@ class BundleStaging:
         """Remove a format's old files before it is written again."""
         shutil.rmtree(self.staging / relative_dir, ignore_errors=True)
 
-    def commit(self, manifest: dict) -> Path:
-        manifest = dict(manifest)
-        manifest["files"] = self._hash_files()
-        _write_json(self.staging / MANIFEST, manifest)
+    def commit(self, manifest: Manifest) -> Path:
+        manifest = dataclasses.replace(manifest, files=self._hash_files())
+        _write_json(self.staging / MANIFEST, manifest.to_dict())
         open_bundle(self.staging, verify=False).verify(full=False)
         backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
         try:
@@ -86,12 +87,12 @@ class BundleStaging:
         shutil.rmtree(backup, ignore_errors=True)
         return self.out
 
-    def _hash_files(self) -> dict:
+    def _hash_files(self) -> dict[str, FileEntry]:
         files = {}
         for path in sorted(self.staging.rglob("*")):
             rel = path.relative_to(self.staging).as_posix()
             if path.is_file() and rel != MANIFEST:
-                files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+                files[rel] = FileEntry(sha256_file(path), path.stat().st_size)
         return files
 
 

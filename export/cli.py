@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from smoledge.quantize.recipe import builtin_recipes
+from smoledge.runtime.formats import FORMATS, dest
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -14,21 +15,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="PATH_OR_HUB_ID",
                         help="PEFT LoRA adapter to merge into the weights before export (recorded in the manifest)")
     parser.add_argument("--adapter-revision", help="hub revision of --adapter; ignored for a local folder")
-    parser.add_argument("--format", dest="formats", action="append", choices=["onnx", "executorch", "coreml"],
+    parser.add_argument("--format", dest="formats", action="append", choices=list(FORMATS),
                         help="artifact format to add to the bundle (repeatable; default onnx)")
     parser.add_argument("--quant", default="int4",
                         help=f"quantization recipe: {', '.join(builtin_recipes())} or a recipe .json (default int4)")
     parser.add_argument("--vision-precision", choices=["fp32", "int8", "int4"],
                         help="override the recipe for the vision encoder and connector")
-    parser.add_argument("--ort-fusions", default="cpu", choices=["cpu", "cuda", "webgpu", "dml", "none"],
-                        help="fuse ONNX graphs into ONNX Runtime ops for this provider (default cpu)")
-    parser.add_argument("--coreml-context", default="2048",
-                        help="Core ML: KV-state capacity in tokens, or 'full' for the model's context (default 2048)")
-    parser.add_argument("--max-context-len", default="2048",
-                        help="ExecuTorch: static KV-cache positions in tokens, or 'full' for the model's context "
-                        "(default 2048)")
-    parser.add_argument("--coreml-compression", default="linear", choices=["linear", "palettize"],
-                        help="Core ML: blockwise linear quantization or k-means palettization (default linear)")
+    for spec in FORMATS.values():  # each target's own flags, from the format registry
+        for flag in spec.export_flags:
+            parser.add_argument(flag.flag, default=flag.default, choices=list(flag.choices) or None, help=flag.help)
+    parser.add_argument("--cloud-model", dest="cloud_models", action="append", default=[], metavar="TARGET",
+                        help="record a cloud target in the bundle (repeatable: the substitute first, then the "
+                        "alternatives; default: the package's list)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (or add a format to)")
     parser.add_argument("--zip", action="store_true",
                         help="also write OUT.zip beside the folder (one file to copy; 'smoledge run' opens it)")
@@ -49,14 +47,6 @@ def _quiet_libraries(logging, warnings) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _positive_int(text: str, flag: str) -> int:
-    from smoledge.errors import ConfigError
-
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"{flag} takes a positive number of tokens or 'full', got {text!r}")
-    return int(text)
 
 
 def check_out(out: Path) -> None:
@@ -81,7 +71,8 @@ def main(args: argparse.Namespace) -> int:
     import logging
     import warnings
 
-    from smoledge.export.pipeline import ExportJob, export_bundle, target_module
+    from smoledge.cloud_fallback.config import parse_models
+    from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe, with_vision_precision
 
     check_out(args.out)
@@ -89,21 +80,13 @@ def main(args: argparse.Namespace) -> int:
         _quiet_libraries(logging, warnings)
     formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
     recipe = with_vision_precision(load_recipe(args.quant), args.vision_precision)
-    options = {}
-    if "onnx" in formats:
-        onnx_target = target_module("onnx")
-        options["onnx"] = onnx_target.OnnxTargetOptions(ort_fusions=None if args.ort_fusions == "none"
-                                                        else args.ort_fusions)
-    if "executorch" in formats:
-        options["executorch"] = target_module("executorch").ExecutorchTargetOptions(
-            max_context_len=None if args.max_context_len == "full"
-            else _positive_int(args.max_context_len, "--max-context-len"))
-    if "coreml" in formats:
-        options["coreml"] = target_module("coreml").CoreMLTargetOptions(
-            context=None if args.coreml_context == "full" else _positive_int(args.coreml_context, "--coreml-context"),
-            compression=args.coreml_compression)
+    values = vars(args)
+    options = {fmt: FORMATS[fmt].options_from_flags({dest(f): values[dest(f)] for f in FORMATS[fmt].export_flags})
+               for fmt in formats}
+    cloud = parse_models(",".join(args.cloud_models)) if args.cloud_models else ()
     job = ExportJob(model=args.model, out=args.out, recipe=recipe, formats=formats, revision=args.revision,
-                    target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision)
+                    target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision,
+                    cloud_models=cloud)
     path = export_bundle(job, show_progress=not args.no_progress)
     print(path)
     if args.zip:

@@ -1,27 +1,24 @@
 """One export: checkpoint -> graphs -> quantize -> bundle.
 
-Targets are registered in ``TARGETS`` (format -> module); each module exposes ``FORMAT``, an options
-dataclass and ``export(model, staging, recipe, options, progress) -> dict`` returning its manifest
-section.  Adding a format is one new module and one line here.
+Targets are named by the format registry (:mod:`smoledge.runtime.formats`); each module exposes
+``FORMAT``, an options dataclass and ``export(model, staging, recipe, options, progress) -> Artifact``
+returning its typed manifest section.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoledge.errors import ConfigError, ExportError, SmolEdgeError
+from smoledge.errors import ExportError, SmolEdgeError
 from smoledge.quantize.recipe import Recipe
+from smoledge.runtime.formats import format_spec
+from smoledge.runtime.manifest import Artifact, Cloud
 
 log = logging.getLogger(__name__)
 
-TARGETS = {
-    "onnx": "smoledge.export.target_onnx",
-    "executorch": "smoledge.export.target_executorch",
-    "coreml": "smoledge.export.target_coreml",
-}
 
 
 @dataclass(frozen=True)
@@ -34,16 +31,11 @@ class ExportJob:
     target_options: dict = field(default_factory=dict)  # format -> that target's options object
     adapter: str | None = None  # PEFT LoRA adapter (folder or hub id) merged into the weights first
     adapter_revision: str | None = None
+    cloud_models: tuple[str, ...] = ()  # the cloud substitute, then alternatives (empty: the package defaults)
 
 
 def target_module(fmt: str):
-    if fmt not in TARGETS:
-        raise ConfigError(f"unknown export format {fmt!r}; available: {', '.join(TARGETS)}")
-    try:
-        return importlib.import_module(TARGETS[fmt])
-    except ImportError as err:
-        raise ConfigError(f"the {fmt} exporter needs a package that is not installed ({err.name})",
-                          hint="pip install 'smoledge[export]'") from None
+    return format_spec(fmt).export_target()
 
 
 def export_bundle(job: ExportJob, *, show_progress: bool = True) -> Path:
@@ -67,22 +59,23 @@ def export_bundle(job: ExportJob, *, show_progress: bool = True) -> Path:
         if adapter is not None:
             model, checkpoint = merge_adapter(model, adapter), with_adapter(checkpoint, adapter)
         bar.update(1)
-        base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None)
+        cloud = Cloud(job.cloud_models[0], tuple(job.cloud_models[1:])) if job.cloud_models else Cloud(None, ())
+        base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None, cloud)
         with BundleStaging(job.out, checkpoint.file_hashes) as staging:
-            artifacts = dict((staging.previous or {}).get("artifacts", {}))
-            processor.tokenizer.backend_tokenizer.save(str(staging.path(base["tokenizer"]["file"])))
+            artifacts = dict(staging.previous.artifacts) if staging.previous else {}
+            processor.tokenizer.backend_tokenizer.save(str(staging.path(base.tokenizer.file)))
             for fmt, module in modules.items():
                 options = job.target_options.get(fmt) or module.default_options()
                 artifacts[fmt] = _run_target(module, model, staging, job.recipe, options, bar)
-            manifest = {**base, "artifacts": artifacts}
-            manifest["memory"]["weight_bytes"] = max(a["weight_bytes"] for a in artifacts.values())
+            memory = dataclasses.replace(base.memory, weight_bytes=max(a.weight_bytes for a in artifacts.values()))
+            manifest = dataclasses.replace(base, memory=memory, artifacts=artifacts)
             bar.set_postfix_str("writing bundle")
             path = staging.commit(manifest)
             bar.update(1)
     return path
 
 
-def _run_target(module, model, staging, recipe, options, bar) -> dict:
+def _run_target(module, model, staging, recipe, options, bar) -> Artifact:
     try:
         return module.export(model, staging, recipe, options, progress=bar)
     except SmolEdgeError:

@@ -25,6 +25,7 @@ from smoledge.errors import ConfigError
 from smoledge.export.bundle_writer import BundleStaging
 from smoledge.quantize.coreml_quant import METHODS
 from smoledge.quantize.recipe import Recipe
+from smoledge.runtime.manifest import AttentionMask, CoreMLArtifact, Graph, Tensor
 
 FORMAT = "coreml"
 MODELS = ("vision_encoder", "embed_tokens", "decoder")
@@ -50,7 +51,8 @@ def capacity_for(model, options: CoreMLTargetOptions) -> int:
     return capacity
 
 
-def export(model, staging: BundleStaging, recipe: Recipe, options: CoreMLTargetOptions, progress=None) -> dict:
+def export(model, staging: BundleStaging, recipe: Recipe, options: CoreMLTargetOptions,
+           progress=None) -> CoreMLArtifact:
     import coremltools as ct
 
     from smoledge.export.coreml_convert import CONVERTERS
@@ -70,30 +72,21 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: CoreMLTargetO
         gc.collect()
         if progress:
             progress.update(1)
-    models["vision_encoder"]["full_tiles_only"] = True
-    return {
-        "format": FORMAT,
-        "models": models,
-        "embedding": "embed_tokens",
-        "context_capacity": capacity,
-        "attention_mask": {"kind": "additive", "shape": [1, 1, "query", "total"], "allowed": 0.0,
-                           "masked": MASK_VALUE},
-        "cache": {"kind": "state", "states": [KEY_CACHE, VALUE_CACHE],
-                  "layout": ["layers", "kv_heads", "capacity", "head_dim"],
-                  "written": "positions [total - query, total) on every call"},
-        "deployment_target": DEPLOYMENT_TARGET,
-        "specification_version": spec_version,
-        "compute_precision": "float16",
-        "compression": options.compression,
-        "recipe": recipe.to_dict(),
-        "weight_bytes": sum(m["bytes"] for m in models.values()),
-        "runtime": {"coremltools_min": "8.0", "exported_with_coremltools": ct.__version__,
-                    "requires": "macOS 15+ / iOS 18+ (Core ML model state)"},
-    }
+    return CoreMLArtifact(
+        format=FORMAT, graphs=models, context_capacity=capacity, recipe=recipe.to_dict(),
+        weight_bytes=sum(m.bytes for m in models.values()),
+        attention_mask=AttentionMask("additive", (1, 1, "query", "total"), 0.0, float(MASK_VALUE)),
+        cache={"kind": "state", "states": [KEY_CACHE, VALUE_CACHE],
+               "layout": ["layers", "kv_heads", "capacity", "head_dim"],
+               "written": "positions [total - query, total) on every call"},
+        full_tiles_only=True, deployment_target=DEPLOYMENT_TARGET, specification_version=spec_version,
+        compute_precision="float16", compression=options.compression,
+        runtime={"coremltools_min": "8.0", "exported_with_coremltools": ct.__version__,
+                 "requires": "macOS 15+ / iOS 18+ (Core ML model state)"})
 
 
 def _finish_model(name: str, converted, model, staging: BundleStaging, recipe: Recipe,
-                  options: CoreMLTargetOptions) -> tuple[dict, int]:
+                  options: CoreMLTargetOptions) -> tuple[Graph, int]:
     from smoledge.export.coreml_convert import weight_names
     from smoledge.quantize.coreml_quant import compress, weight_report
 
@@ -103,15 +96,18 @@ def _finish_model(name: str, converted, model, staging: BundleStaging, recipe: R
     package = staging.path(f"{FORMAT}/{name}.mlpackage")
     compressed.save(str(package))
     files = sorted(p for p in package.rglob("*") if p.is_file())
-    section = {
-        "package": package.relative_to(staging.staging).as_posix(),
-        **converted.io(),
-        "quantization": report.to_dict(),
-        "precision": _precision(report.schemes),
-        "bytes": sum(f.stat().st_size for f in files),
-        "files": [f.relative_to(staging.staging).as_posix() for f in files],
-    }
+    io = converted.io()
+    section = Graph(
+        file=package.relative_to(staging.staging).as_posix(), method=None,
+        files=tuple(f.relative_to(staging.staging).as_posix() for f in files),
+        inputs=_tensors(io["inputs"]), outputs=_tensors(io["outputs"]), states=_tensors(io["states"]),
+        dims={dim: tuple(bounds) for dim, bounds in io["dims"].items()}, precision=_precision(report.schemes),
+        bytes=sum(f.stat().st_size for f in files), quantization=report.to_dict())
     return section, compressed.get_spec().specificationVersion
+
+
+def _tensors(specs: dict) -> dict[str, Tensor]:
+    return {name: Tensor(tuple(spec["shape"]), spec["dtype"]) for name, spec in specs.items()}
 
 
 def _precision(schemes: dict[str, int]) -> str:

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from smoledge.errors import ConfigError
 from smoledge.export.bundle_writer import BundleStaging
 from smoledge.quantize.recipe import Recipe
+from smoledge.runtime.manifest import ExecutorchArtifact, Graph, Tensor
 
 log = logging.getLogger(__name__)
 
 FORMAT = "executorch"
 PTE_FILE = f"{FORMAT}/model.pte"
-METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+# logical graph name -> the program's method (the names ExecuTorch's LLM runners call)
+METHOD_OF = {"vision_encoder": "vision_encoder", "embed_tokens": "token_embedding", "decoder": "text_decoder"}
+METHODS = tuple(METHOD_OF.values())
 DELEGATED = ("vision_encoder", "text_decoder")  # token_embedding is one (quantized) gather: portable kernel
 SUPPORTED_TEXT_MODELS = ("llama",)
 _SAMPLE_SEQ = 3  # a dynamic axis must not be traced at 0 or 1 (torch.export specialises those)
@@ -64,7 +67,8 @@ def context_len(model, options: ExecutorchTargetOptions) -> int:
     return min(wanted, limit)
 
 
-def export(model, staging: BundleStaging, recipe: Recipe, options: ExecutorchTargetOptions, progress=None) -> dict:
+def export(model, staging: BundleStaging, recipe: Recipe, options: ExecutorchTargetOptions,
+           progress=None) -> ExecutorchArtifact:
     _require_executorch()
     check_supported(model)
     max_len = context_len(model, options)
@@ -216,45 +220,43 @@ def delegation_report(edge) -> dict:
     return report
 
 
-def method_specs(model, max_len: int) -> dict:
+def method_specs(model) -> dict[str, Graph]:
+    """The three graphs: methods of the one ``.pte``, under their logical names."""
     text, vision = model.config.text_config, model.config.vision_config
     size, hidden = vision.image_size, text.hidden_size
     tokens = ((size // vision.patch_size) // model.config.scale_factor) ** 2
-    return {
-        "vision_encoder": {"inputs": {"pixel_values": [1, 3, size, size]},
-                           "outputs": {"image_features": [1, tokens, hidden]}},
-        "token_embedding": {"inputs": {"input_ids": [1, "sequence_length"]},
-                            "outputs": {"inputs_embeds": [1, "sequence_length", hidden]}},
-        "text_decoder": {"inputs": {"inputs_embeds": [1, "sequence_length", hidden],
-                                    "cache_position": ["sequence_length"]},
-                         "outputs": {"logits": [1, text.vocab_size]},
-                         "max_sequence_length": max_len},
+    io = {
+        "vision_encoder": ({"pixel_values": ([1, 3, size, size], "float32")},
+                           {"image_features": ([1, tokens, hidden], "float32")}),
+        "embed_tokens": ({"input_ids": ([1, "sequence_length"], "int64")},
+                         {"inputs_embeds": ([1, "sequence_length", hidden], "float32")}),
+        "decoder": ({"inputs_embeds": ([1, "sequence_length", hidden], "float32"),
+                     "cache_position": (["sequence_length"], "int64")},
+                    {"logits": ([1, text.vocab_size], "float32")}),
     }
+    return {name: Graph(file=PTE_FILE, method=METHOD_OF[name], files=(PTE_FILE,), inputs=_tensors(inputs),
+                        outputs=_tensors(outputs), states={}, dims={}, precision=None, bytes=None, quantization=None)
+            for name, (inputs, outputs) in io.items()}
+
+
+def _tensors(specs: dict) -> dict[str, Tensor]:
+    return {name: Tensor(tuple(shape), dtype) for name, (shape, dtype) in specs.items()}
 
 
 def manifest_section(model, recipe: Recipe, plan, constants: dict, delegation: dict, size: int,
-                     max_len: int) -> dict:
+                     max_len: int) -> ExecutorchArtifact:
     import executorch.version
     import torchao
 
     quant = plan.to_dict()
     used = [label for label, count in quant["schemes"].items() if count and label != "float32"]
     precision = "+".join(sorted(used)) + ("+fp32" if quant["schemes"].get("float32") else "") if used else "fp32"
-    return {
-        "format": FORMAT,
-        "file": PTE_FILE,
-        "methods": method_specs(model, max_len),
-        "constant_methods": constants,
-        "max_context_len": max_len,
-        "kv_cache": {"dtype": "float32", "layout": "per layer [1, max_context_len, kv_heads, head_dim], inside the "
-                     "program", "ops": ["llama::update_cache", "llama::custom_sdpa"]},
-        "delegate": {"backend": "xnnpack", "methods": delegation},
-        "recipe": recipe.to_dict(),
-        "quantization": quant,
-        "precision": precision,
-        "weight_bytes": size,
-        "bytes": size,
-        "runtime": {"executorch_min": "1.5", "exported_with_executorch": executorch.version.__version__,
-                    "exported_with_torchao": torchao.__version__, "kernel_libraries": list(KERNEL_LIBRARIES),
-                    "tokenizer": "tokenizer.json (Hugging Face tokenizers JSON; ExecuTorch's HFTokenizer reads it)"},
-    }
+    return ExecutorchArtifact(
+        format=FORMAT, graphs=method_specs(model), context_capacity=max_len, recipe=recipe.to_dict(),
+        weight_bytes=size, constant_methods=constants,
+        kv_cache={"dtype": "float32", "layout": "per layer [1, context_capacity, kv_heads, head_dim], inside the "
+                  "program", "ops": ["llama::update_cache", "llama::custom_sdpa"]},
+        delegate={"backend": "xnnpack", "methods": delegation}, quantization=quant, precision=precision, bytes=size,
+        runtime={"executorch_min": "1.5", "exported_with_executorch": executorch.version.__version__,
+                 "exported_with_torchao": torchao.__version__, "kernel_libraries": list(KERNEL_LIBRARIES),
+                 "tokenizer": "tokenizer.json (Hugging Face tokenizers JSON; ExecuTorch's HFTokenizer reads it)"})

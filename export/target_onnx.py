@@ -15,9 +15,11 @@ from pathlib import Path
 
 from smoledge.export.bundle_writer import BundleStaging, scratch_prefix
 from smoledge.quantize.recipe import Recipe
+from smoledge.runtime.manifest import Graph, OnnxArtifact, Tensor
 
 FORMAT = "onnx"
-GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+# logical graph name -> its file's name (the onnx-community SmolVLM names)
+GRAPHS = {"vision_encoder": "vision_encoder", "embed_tokens": "embed_tokens", "decoder": "decoder_model_merged"}
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class OnnxTargetOptions:
     opset: int | None = None
 
 
-def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOptions, progress=None) -> dict:
+def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOptions,
+           progress=None) -> OnnxArtifact:
     import onnxruntime
 
     from smoledge.export.onnx_export import EXPORTERS, OnnxExportConfig
@@ -35,28 +38,23 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
     config = OnnxExportConfig(opset=options.opset)
     graphs = {}
     with tempfile.TemporaryDirectory(dir=staging.staging.parent, prefix=scratch_prefix("onnx")) as tmp:
-        for name in GRAPHS:
+        for name, file_name in GRAPHS.items():
             if progress:
-                progress.set_postfix_str(f"onnx: {name}")
-            program, spec = EXPORTERS[name](model, config)
-            graphs[name] = _finish_graph(program, spec, name, staging, recipe, options, Path(tmp))
+                progress.set_postfix_str(f"onnx: {file_name}")
+            program, spec = EXPORTERS[file_name](model, config)
+            graphs[name] = _finish_graph(program, spec, file_name, staging, recipe, options, Path(tmp))
             del program
             gc.collect()
             if progress:
                 progress.update(1)
-    weight_bytes = sum(g["bytes"] for g in graphs.values())
-    return {
-        "format": FORMAT,
-        "graphs": graphs,
-        "recipe": recipe.to_dict(),
-        "ort_fusions": options.ort_fusions,
-        "weight_bytes": weight_bytes,
-        "runtime": {"onnxruntime_min": "1.20", "exported_with_onnxruntime": onnxruntime.__version__},
-    }
+    return OnnxArtifact(
+        format=FORMAT, graphs=graphs, context_capacity=None, recipe=recipe.to_dict(),
+        weight_bytes=sum(g.bytes for g in graphs.values()), ort_fusions=options.ort_fusions,
+        runtime={"onnxruntime_min": "1.20", "exported_with_onnxruntime": onnxruntime.__version__})
 
 
 def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Recipe,
-                  options: OnnxTargetOptions, tmp: Path) -> dict:
+                  options: OnnxTargetOptions, tmp: Path) -> Graph:
     import onnx
     import onnx_ir as ir
 
@@ -75,15 +73,13 @@ def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Reci
     fuse_for_onnxruntime(program, options.ort_fusions)
     files = save(program, staging.path(f"{FORMAT}/{name}.onnx"))
     rel = [f.relative_to(staging.staging).as_posix() for f in files]
-    return {
-        "file": rel[0],
-        "data_files": rel[1:],
-        "inputs": spec.inputs,
-        "outputs": spec.outputs,
-        "quantization": report.to_dict(),
-        "precision": _precision(report.schemes),
-        "bytes": sum(f.stat().st_size for f in files),
-    }
+    return Graph(file=rel[0], method=None, files=tuple(rel), inputs=_tensors(spec.inputs),
+                 outputs=_tensors(spec.outputs), states={}, dims={}, precision=_precision(report.schemes),
+                 bytes=sum(f.stat().st_size for f in files), quantization=report.to_dict())
+
+
+def _tensors(shapes: dict[str, list]) -> dict[str, Tensor]:
+    return {name: Tensor(tuple(dims), None) for name, dims in shapes.items()}
 
 
 def _precision(schemes: dict[str, int]) -> str:

@@ -5,11 +5,12 @@ synthetic image tiles:
 
 * ``vision_encoder``: cosine similarity of the image features;
 * ``embed_tokens``: cosine similarity of the embeddings;
-* ``decoder_model_merged``: the quantized decoder fed the *reference* embeddings: KL(fp32 || quant) of
+* ``decoder``: the quantized decoder fed the *reference* embeddings: KL(fp32 || quant) of
   the next-token distributions (nats, mean over positions), top-1 agreement, logit cosine;
 * ``end_to_end``: the quantized embedding + decoder against the fp32 ones, same figures.
 
-Only the runtime (onnxruntime + numpy) is needed.
+Only the runtime (onnxruntime + numpy) is needed; logits come from the backend's own all-positions call
+(:func:`smoledge.runtime.backends.all_logits`).
 """
 
 from __future__ import annotations
@@ -54,16 +55,6 @@ def compare_logits(ref: np.ndarray, quant: np.ndarray) -> DecoderFidelity:
     return DecoderFidelity(float(kl.mean()), float(kl.max()), float(agree), _cosine(ref, quant), len(ref))
 
 
-def _all_logits(backend, embeds: np.ndarray) -> np.ndarray:
-    """Teacher-forced logits at every position of one sequence (ONNX backend)."""
-    sess = backend.sessions["decoder_model_merged"]
-    length = embeds.shape[1]
-    feed = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, length), np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None]}
-    feed.update({name: backend.new_cache(length).past[i] for i, name in enumerate(backend.past_names)})
-    return sess.run(["logits"], feed)[0][0]
-
-
 def _tiles(image_size: int, count: int = 2) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:image_size, 0:image_size] / image_size
@@ -73,15 +64,16 @@ def _tiles(image_size: int, count: int = 2) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure(quant_path: str | Path, reference_path: str | Path, max_tokens: int = 512) -> dict:
+    from smoledge.runtime.backends import all_logits as _all_logits
     from smoledge.runtime.pipeline import Pipeline
 
     quant, ref = Pipeline.load(quant_path), Pipeline.load(reference_path)
     chunks = [line for line in TEXT_FILE.read_text().splitlines() if line.strip()]
     report: dict = {"bundle": str(quant_path), "reference": str(reference_path), "graphs": {}}
-    qa, ra = quant.manifest["artifacts"]["onnx"], ref.manifest["artifacts"]["onnx"]
-    report["recipe"] = qa["recipe"]["name"]
-    report["bits_per_weight"] = {g: qa["graphs"][g]["quantization"]["bits_per_weight"] for g in qa["graphs"]}
-    pixels, mask = _tiles(quant.manifest["model"]["vision"]["image_size"])
+    qa = quant.bundle.artifact("onnx")
+    report["recipe"] = qa.recipe_name
+    report["bits_per_weight"] = {name: graph.bits_per_weight for name, graph in qa.graphs.items()}
+    pixels, mask = _tiles(quant.manifest.model.vision.image_size)
     report["graphs"]["vision_encoder"] = {"cosine": _cosine(ref.backend.encode_images(pixels, mask),
                                                             quant.backend.encode_images(pixels, mask))}
     dec, e2e, emb_cos = [], [], []
@@ -93,9 +85,8 @@ def measure(quant_path: str | Path, reference_path: str | Path, max_tokens: int 
         dec.append((compare_logits(ref_logits, _all_logits(quant.backend, ref_emb)), len(ids[0])))
         e2e.append((compare_logits(ref_logits, _all_logits(quant.backend, q_emb)), len(ids[0])))
     report["graphs"]["embed_tokens"] = {"cosine": float(np.mean(emb_cos))}
-    report["graphs"]["decoder_model_merged"] = _pool(dec)
+    report["graphs"]["decoder"] = _pool(dec)
     report["end_to_end"] = _pool(e2e)
-    del ra
     return report
 
 
@@ -110,13 +101,13 @@ def _pool(items: list[tuple[DecoderFidelity, int]]) -> dict:
 
 def format_report(report: dict) -> str:
     g, e = report["graphs"], report["end_to_end"]
-    d = g["decoder_model_merged"]
+    d = g["decoder"]
     bpw = ", ".join(f"{k} {v:.2f}" for k, v in report["bits_per_weight"].items())
     return "\n".join([
         f"recipe {report['recipe']} vs fp32 ({e['positions']} teacher-forced tokens); bits/weight: {bpw}",
         f"  vision_encoder        cosine {g['vision_encoder']['cosine']:.5f}",
         f"  embed_tokens          cosine {g['embed_tokens']['cosine']:.5f}",
-        f"  decoder_model_merged  KL {d['kl_mean']:.4f} nats  top-1 {100 * d['top1_agreement']:.1f}%  "
+        f"  decoder               KL {d['kl_mean']:.4f} nats  top-1 {100 * d['top1_agreement']:.1f}%  "
         f"cosine {d['logit_cosine']:.5f}",
         f"  end to end            KL {e['kl_mean']:.4f} nats  top-1 {100 * e['top1_agreement']:.1f}%  "
         f"cosine {e['logit_cosine']:.5f}",
@@ -134,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.runtime.bundle import open_bundle
 
     q, r = open_bundle(args.bundle, verify=False), open_bundle(args.reference, verify=False)
-    if q.manifest["source"]["files"] != r.manifest["source"]["files"]:
+    if q.manifest.source.files != r.manifest.source.files:
         raise ConfigError("the two bundles come from different checkpoints", hint="export both from one model")
     report = measure(args.bundle, args.reference)
     print(format_report(report))

@@ -2,26 +2,13 @@
 
 A bundle is a folder (or a ``.zip`` of one) holding ``manifest.json``, ``tokenizer.json`` and the
 artifacts of one or more formats.  The manifest says everything the runtime needs; nothing is parsed
-from file names.  Its top-level keys (schema 1):
-
-``schema_version``, ``smoledge_version``, ``created``
-``source``          model_id, revision, files {name: sha256}, adapter
-``model``           model_type, text {hidden_size, num_hidden_layers, num_attention_heads,
-                    num_key_value_heads, head_dim, vocab_size}, vision {image_size, patch_size, ...},
-                    scale_factor
-``context_length``  the longest prompt + answer the decoder takes
-``image``           the image processor settings (see runtime.preprocess.ImageProcessorConfig)
-``tokens``          bos/eos/pad/image token ids and the image-placeholder strings
-``chat_template``   the Jinja chat template the weights were trained with
-``generation``      defaults: max_new_tokens, eos_token_ids, ...
-``memory``          weight_bytes, kv_bytes_per_token, vision_bytes_per_tile (for the router)
-``tokenizer``       {"file": "tokenizer.json"}
-``artifacts``       {format: {...}} e.g. artifacts.onnx.graphs.decoder_model_merged.file
-``files``           {relative path: {sha256, size}} for every file above
+from file names.  Its schema is the types of :mod:`smoledge.runtime.manifest` (published as
+``manifest.schema.json``); :func:`read_manifest` checks a bundle's manifest against them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smoledge.errors import BundleError
+from smoledge.runtime.manifest import SCHEMA_VERSION, Artifact, Manifest
 
-SCHEMA_VERSION = 1
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle", "open_bundle", "read_manifest", "sha256_file"]
 MANIFEST = "manifest.json"
-_REQUIRED = ("schema_version", "source", "model", "context_length", "image", "tokens", "chat_template",
-             "generation", "memory", "tokenizer", "artifacts", "files")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -48,15 +34,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def formats(self) -> list[str]:
-        return sorted(self.manifest["artifacts"])
+        return self.manifest.formats
 
     def file(self, relative: str) -> Path:
         """The path of a file the manifest lists (never anything outside the bundle)."""
-        if relative not in self.manifest["files"]:
+        if relative not in self.manifest.files:
             raise BundleError(f"bundle {self.path} lists no file {relative!r}", hint="re-export the bundle")
         resolved = (self.path / relative).resolve()
         if self.path.resolve() not in resolved.parents:
@@ -64,9 +50,9 @@ class Bundle:
                               hint="the manifest was tampered with; re-export the bundle")
         return resolved
 
-    def artifact(self, fmt: str) -> dict:
+    def artifact(self, fmt: str) -> Artifact:
         try:
-            return self.manifest["artifacts"][fmt]
+            return self.manifest.artifacts[fmt]
         except KeyError:
             raise BundleError(f"bundle {self.path} has no {fmt} artifacts (it has: {', '.join(self.formats)})",
                               hint=f"export them with: smoledge export MODEL --format {fmt} --out {self.path}") from None
@@ -75,15 +61,15 @@ class Bundle:
         """Check every listed file: present, right size and (``full``) right sha256.  Raises on the first
         problem; returns the files checked."""
         checked = []
-        for rel, meta in sorted(self.manifest["files"].items()):
+        for rel, meta in sorted(self.manifest.files.items()):
             path = self.file(rel)
             if not path.is_file():
                 raise BundleError(f"bundle {self.path} is missing {rel}", hint="re-export the bundle")
             size = path.stat().st_size
-            if size != meta["size"]:
-                raise BundleError(f"{rel} in bundle {self.path} is {size} bytes, the manifest says {meta['size']} "
+            if size != meta.size:
+                raise BundleError(f"{rel} in bundle {self.path} is {size} bytes, the manifest says {meta.size} "
                                   "(truncated or replaced)", hint="re-export or re-copy the bundle")
-            if full and sha256_file(path) != meta["sha256"]:
+            if full and sha256_file(path) != meta.sha256:
                 raise BundleError(f"{rel} in bundle {self.path} does not match its sha256 (tampered or corrupt)",
                                   hint="re-export or re-copy the bundle")
             checked.append(rel)
@@ -111,7 +97,7 @@ def open_bundle(path: str | Path, *, verify: bool | str = True) -> Bundle:
     return bundle
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> Manifest:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{path} is not a smoledge bundle (no {MANIFEST})",
@@ -120,18 +106,7 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BundleError(f"the manifest of {path} is unreadable ({err})", hint="re-export the bundle") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"the manifest of {path} is not a JSON object", hint="re-export the bundle")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise BundleError(f"the manifest of {path} has no schema_version", hint="re-export the bundle")
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"bundle {path} uses manifest schema {version}, newer than this smoledge reads "
-                          f"({SCHEMA_VERSION})", hint="upgrade smoledge: pip install -U smoledge")
-    missing = [key for key in _REQUIRED if key not in manifest]
-    if missing:
-        raise BundleError(f"the manifest of {path} lacks {', '.join(missing)}", hint="re-export the bundle")
-    return manifest
+    return Manifest.from_dict(manifest, str(path))
 
 
 def _verify_cached(bundle: Bundle) -> None:
@@ -149,15 +124,15 @@ def _verify_cached(bundle: Bundle) -> None:
     if not isinstance(stamps, dict):  # a corrupt stamp file only means: hash everything again
         stamps = {}
     fresh, changed = {}, False
-    for rel, meta in bundle.manifest["files"].items():
+    for rel, meta in bundle.manifest.files.items():
         path = bundle.file(rel)
         try:
             st = path.stat()
         except OSError:
             raise BundleError(f"bundle {bundle.path} is missing {rel}", hint="re-export the bundle") from None
-        key = [meta["sha256"], st.st_size, st.st_mtime_ns]
+        key = [meta.sha256, st.st_size, st.st_mtime_ns]
         if stamps.get(rel) != key:
-            Bundle(bundle.path, {**bundle.manifest, "files": {rel: meta}}).verify(full=True)
+            Bundle(bundle.path, dataclasses.replace(bundle.manifest, files={rel: meta})).verify(full=True)
             changed = True
         fresh[rel] = key
     if changed or set(stamps) != set(fresh):

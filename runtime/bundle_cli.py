@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"ok: {len(checked)} files match the manifest of {bundle.path}")
         return 0
     if args.json:
-        print(json.dumps(bundle.manifest, indent=2))
+        print(json.dumps(bundle.manifest.to_dict(), indent=2))
         return 0
     print(describe(bundle))
     return 0
@@ -32,22 +32,23 @@ def main(args: argparse.Namespace) -> int:
 
 def describe(bundle) -> str:
     m = bundle.manifest
-    src, model, mem = m["source"], m["model"], m["memory"]
+    src, text, vision, mem = m.source, m.model.text, m.model.vision, m.memory
     lines = [
         f"bundle     {bundle.path}",
-        f"source     {src['model_id']} @ {src.get('revision') or '-'}",
-        f"model      {model['architecture']}: text {model['text']['num_hidden_layers']} layers x "
-        f"{model['text']['hidden_size']}, vision {model['vision']['num_hidden_layers']} layers, "
-        f"{model['vision']['image_size']} px tiles, {model['image_seq_len']} tokens per tile",
-        f"context    {m['context_length']} tokens; KV cache {mem['kv_bytes_per_token']} bytes/token",
-        f"images     longest edge {m['image']['longest_edge']}, splitting "
-        f"{'on' if m['image']['do_image_splitting'] else 'off'}",
+        f"source     {src.model_id} @ {src.revision or '-'}",
+        f"model      {m.model.architecture}: text {text.num_hidden_layers} layers x {text.hidden_size}, vision "
+        f"{vision.num_hidden_layers} layers, {vision.image_size} px tiles, {m.model.image_seq_len} tokens per tile",
+        f"context    {m.context_length} tokens; KV cache {mem.kv_bytes_per_token} bytes/token",
+        f"images     longest edge {m.image.longest_edge}, splitting {'on' if m.image.do_image_splitting else 'off'}",
     ]
-    for fmt, art in sorted(m["artifacts"].items()):
-        lines.append(f"{fmt:<10} recipe {art.get('recipe', {}).get('name', '-')}, {art['weight_bytes'] / 1e6:.1f} MB")
-        for name, part in (art.get("graphs") or art.get("models") or {}).items():  # ONNX graphs, Core ML models
-            q = part.get("quantization", {})
-            lines.append(f"  {name:<22} {part.get('precision', '-'):<40} {part.get('bytes', 0) / 1e6:8.1f} MB"
-                         f"  {q.get('bits_per_weight', 0):.2f} bits/weight")
-    lines.append(f"files      {len(m['files'])}, schema {m['schema_version']}, smoledge {m.get('smoledge_version')}")
+    for fmt, art in sorted(m.artifacts.items()):
+        lines.append(f"{fmt:<10} recipe {art.recipe_name or '-'}, {art.weight_bytes / 1e6:.1f} MB, "
+                     f"KV capacity {art.capacity(m.context_length)} tokens")
+        for name, graph in art.graphs.items():
+            bits = graph.bits_per_weight
+            where = graph.file + (f":{graph.method}" if graph.method else "")
+            size = f"  {graph.bytes / 1e6:8.1f} MB" if graph.bytes is not None else ""
+            lines.append(f"  {name:<15} {where:<36} {graph.precision or getattr(art, 'precision', '-'):<36}{size}"
+                         + (f"  {bits:.2f} bits/weight" if bits is not None else ""))
+    lines.append(f"files      {len(m.files)}, schema {m.schema_version}, smoledge {m.smoledge_version}")
     return "\n".join(lines)

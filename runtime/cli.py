@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from smoledge.runtime.backends import BACKENDS
+from smoledge.runtime.formats import add_backend_arguments, backend_options_from_args
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +31,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), help="which artifacts to run")
-    parser.add_argument("--providers", default="CPUExecutionProvider",
-                        help="comma-separated onnxruntime execution providers (CUDA, CoreML, NNAPI, XNNPACK, ...)")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
+    add_backend_arguments(parser)
     parser.add_argument("--stats", action="store_true", help="print the route and timing figures to stderr")
     parser.add_argument("--verify", choices=["fast", "full"], default=None,
                         help="bundle check before running: 'fast' re-hashes files whose size or mtime changed, "
@@ -44,12 +41,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_routing_arguments(parser)
 
 
-def build_request(args: argparse.Namespace, manifest: dict):
+def build_request(args: argparse.Namespace, manifest):
     from smoledge.errors import ConfigError
     from smoledge.runtime.request_check import check_request
     from smoledge.runtime.types import ChatRequest, ImagePart, Message, SamplingConfig, TextPart, VideoPart
 
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else manifest["generation"]["max_new_tokens"]
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else manifest.generation.max_new_tokens
     if max_new < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new}")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
@@ -97,11 +94,8 @@ def main(args: argparse.Namespace) -> int:
 
     check_threads(args.threads)
     config = router_config_from_args(args)
-    options = {"threads": args.threads} if args.backend in ("onnx", "executorch") else {}
-    if args.backend == "onnx":
-        options["providers"] = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     verify = args.verify or config.profile.bundle_verify
-    pipe = Pipeline.load(args.bundle, args.backend, verify=verify, **options)
+    pipe = Pipeline.load(args.bundle, args.backend, verify=verify, **backend_options_from_args(args))
     pipe.set_video_max_frames(resolve_max_frames(args.max_frames, config.profile.max_video_frames))
     request = build_request(args, pipe.manifest)
 

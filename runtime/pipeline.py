@@ -9,6 +9,7 @@ are imported (and PyAV once a request holds a video).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from smoledge.errors import BundleError, InputError, PromptTooLongError, VideoEr
 from smoledge.runtime.backends import load_backend
 from smoledge.runtime.bundle import Bundle, open_bundle
 from smoledge.runtime.generate import Sampler, generate_step, generate_text, stream_generate
+from smoledge.runtime.manifest import Manifest
 from smoledge.runtime.preprocess import ImageProcessorConfig, ProcessedImages, preprocess, tile_grid
 from smoledge.runtime.prompt import ImageTokens, add_special_tokens_for, build_prompt, image_prompt_string
 from smoledge.runtime.types import ChatRequest, GenerationStats, ImagePart, RequestShape, StreamChunk, VideoPart
@@ -40,19 +42,21 @@ class Pipeline:
         self.backend = backend
         m = bundle.manifest
         try:
-            self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))
+            self.tokenizer = Tokenizer.from_file(str(bundle.file(m.tokenizer.file)))
         except Exception as err:  # tokenizers raises a bare Exception on a bad file
             raise BundleError(f"the bundle's tokenizer cannot be read ({err})", hint="re-export the bundle") from None
-        self.image_config = ImageProcessorConfig.from_dict(m["image"])
-        self.image_tokens = ImageTokens.from_dict({k: m["tokens"][k] for k in ("image", "fake_image", "global_image")})
-        self.image_token_id = int(m["tokens"]["image_token_id"])
-        self.eos_ids = tuple(m["generation"]["eos_token_ids"])
-        # The tokens this engine can serve: the model's window, capped by a backend whose KV cache was
-        # sized at export (ExecuTorch's static cache, Core ML's state).  The router reads it from ``manifest``.
-        capacity = getattr(backend, "max_context_len", None)
-        self.context_length = min(int(m["context_length"]), int(capacity or m["context_length"]))
-        self._manifest = dict(m, context_length=self.context_length)
-        self.video_config = VideoConfig.from_dict(m["video"]) if m.get("video") else None
+        self.image_config: ImageProcessorConfig = m.image
+        tokens = m.tokens
+        self.image_tokens = ImageTokens(tokens.image, tokens.fake_image, tokens.global_image)
+        self.image_token_id = tokens.image_token_id
+        self.eos_ids = m.generation.eos_token_ids
+        # The tokens this engine can serve: the model's window, capped by the backend's artifact whose KV
+        # cache was sized at export (ExecuTorch's static cache, Core ML's state).  The router reads it
+        # from ``manifest``.
+        fmt = getattr(backend, "name", None)
+        self.context_length = m.artifacts[fmt].capacity(m.context_length) if fmt in m.artifacts else m.context_length
+        self._manifest = dataclasses.replace(m, context_length=self.context_length)
+        self.video_config: VideoConfig | None = m.video
         self.last_stats = GenerationStats()
 
     @classmethod
@@ -61,7 +65,7 @@ class Pipeline:
         return cls(bundle, load_backend(backend, bundle, **backend_options))
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         """The bundle's manifest, with ``context_length`` the window this backend serves (see ``__init__``)."""
         return self._manifest
 
@@ -73,16 +77,16 @@ class Pipeline:
     # ------------------------------------------------------------------ prompt
     def _prompt_ids(self, request: ChatRequest, grids, videos: Sequence[VideoPlan] = ()) -> np.ndarray:
         m = self.manifest
-        template, video_prompts, video = m["chat_template"], [], self.video_config
+        template, video_prompts, video = m.chat_template, [], self.video_config
         if videos:  # SmolVLM2: a request with a video is rendered with the video chat template
             template = video.chat_template or template
             frame = image_prompt_string(0, 0, self.image_tokens, self.image_config.image_seq_len)
             video_prompts = [video_prompt_string(plan, video, frame) for plan in videos]
         prompt = build_prompt(request.messages, grids, template, self.image_tokens,
-                              self.image_config.image_seq_len, bos_token=m["tokens"].get("bos_token"),
-                              eos_token=m["tokens"].get("eos_token"), video_prompts=video_prompts,
+                              self.image_config.image_seq_len, bos_token=m.tokens.bos_token,
+                              eos_token=m.tokens.eos_token, video_prompts=video_prompts,
                               video_token=video.video_token if video else "<video>")
-        special = add_special_tokens_for(prompt, m["tokens"].get("bos_token"))
+        special = add_special_tokens_for(prompt, m.tokens.bos_token)
         ids = self.tokenizer.encode(prompt, add_special_tokens=special).ids
         return np.asarray([ids], dtype=np.int64)
 

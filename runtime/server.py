@@ -24,16 +24,19 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smoledge.cloud_fallback import add_routing_arguments
 from smoledge.errors import ConfigError
+from smoledge.runtime.formats import add_backend_arguments, backend_options_from_args
+
+if TYPE_CHECKING:
+    from smoledge.runtime.manifest import Manifest
 
 MB = 1024 * 1024
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from smoledge.runtime.backends import BACKENDS
-
     parser.add_argument("bundle", help="bundle folder or .zip written by 'smoledge export'")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -71,10 +74,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
                         help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are cancelled")
     run = parser.add_argument_group("local engine")
-    run.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), help="which artifacts to run")
-    run.add_argument("--providers", default="CPUExecutionProvider",
-                     help="comma-separated onnxruntime execution providers")
-    run.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
+    add_backend_arguments(run)
     run.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     run.add_argument("--access-log", action="store_true", help="log every request")
     add_routing_arguments(parser)
@@ -110,7 +110,7 @@ def _web_stack() -> None:
                           hint="pip install 'smoledge[serve]'") from None
 
 
-def settings_from_args(args: argparse.Namespace, manifest: dict):
+def settings_from_args(args: argparse.Namespace, manifest: Manifest):
     from smoledge.runtime.server_app import ServerSettings
     from smoledge.runtime.server_conn import ConnectionLimits
     from smoledge.runtime.server_guard import AccessRules
@@ -125,26 +125,26 @@ def settings_from_args(args: argparse.Namespace, manifest: dict):
     connections = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                                    idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     return ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * MB), images=images,
-                          default_max_tokens=int(manifest["generation"]["max_new_tokens"]),
+                          default_max_tokens=manifest.generation.max_new_tokens,
                           shutdown_grace_s=args.shutdown_grace, created=_created(manifest), access=access,
                           connections=connections)
 
 
-def model_id_for(manifest: dict, bundle: str | Path, name: str | None = None) -> str:
+def model_id_for(manifest: Manifest, bundle: str | Path, name: str | None = None) -> str:
     """``--model-name``, else the Hub id the bundle was exported from, else the bundle's folder name."""
     if name:
         return name
-    source = str((manifest.get("source") or {}).get("model_id") or "")
+    source = manifest.source.model_id
     if source and not Path(source).is_absolute() and not source.startswith("."):
         return source
     return Path(bundle).resolve().name.removesuffix(".zip")
 
 
-def _created(manifest: dict) -> int:
+def _created(manifest: Manifest) -> int:
     from datetime import datetime
 
     try:
-        return int(datetime.fromisoformat(str(manifest.get("created"))).timestamp())
+        return int(datetime.fromisoformat(manifest.created).timestamp())
     except (TypeError, ValueError):
         return 0
 
@@ -174,9 +174,7 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.runtime.server_worker import Service
 
     config = router_config_from_args(args)
-    options = {"providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-               "threads": args.threads} if args.backend == "onnx" else {}
-    pipe = Pipeline.load(args.bundle, args.backend, **options)
+    pipe = Pipeline.load(args.bundle, args.backend, **backend_options_from_args(args))
     model_id = model_id_for(pipe.manifest, args.bundle, args.model_name)
     service = Service(pipe, config, queue_size=args.queue_size, model_id=model_id)
     settings = settings_from_args(args, pipe.manifest)

@@ -27,6 +27,18 @@ os.environ.pop("HF_TOKEN", None)
 PARIS_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _every_manifest_matches_the_json_schema(tmp_path_factory):
+    """At the end of the session: runtime/manifest.schema.json validates every bundle the suite built and
+    rejects exactly the manifests the runtime's types reject (tests/schema_check.py)."""
+    yield
+    from schema_check import disagreements
+
+    _, problems = disagreements(tmp_path_factory.getbasetemp())
+    if problems:
+        pytest.fail("\n".join(problems[:10]), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from smoledge.export.demo_models import ensure_tiny_model
@@ -55,6 +67,23 @@ def tiny_fp32_bundle(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_int4_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     return _export(tiny_model_dir, tmp_path_factory.mktemp("bundles") / "tiny-int4", "int4")
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle_with(tiny_model_dir, tiny_fp32_bundle, tmp_path_factory):
+    """``fp32_bundle_with(fmt)``: the tiny fp32 ONNX bundle with format ``fmt`` added (built once per session)."""
+    import shutil
+
+    built = {"onnx": tiny_fp32_bundle}
+
+    def build(fmt: str) -> Path:
+        if fmt not in built:
+            out = tmp_path_factory.mktemp(f"fp32-{fmt}") / "tiny-fp32"
+            shutil.copytree(tiny_fp32_bundle, out)
+            built[fmt] = _export(tiny_model_dir, out, "fp32", formats=(fmt,))
+        return built[fmt]
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,12 @@ import pytest
 from conftest import synthetic_image
 from smoledge import cli
 from smoledge.errors import ConfigError, ExportError, ModelLoadError
-from smoledge.runtime import ChatRequest, Message, SamplingConfig, load
+from smoledge.runtime import load
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+
+from eager_reference import hf_reference, teacher_forced  # noqa: E402
 
 from smoledge.export.adapter import merge_adapter, resolve_adapter  # noqa: E402
 from smoledge.export.loader import sha256_file  # noqa: E402
@@ -68,21 +70,10 @@ def adapter_bundle(tiny_model_dir, adapter_dir, tmp_path_factory):
 
 def _first_logits_and_steps(pipe, model, processor, image, text):
     """Bundle and eager logits at the prompt and STEPS teacher-forced steps (eager greedy tokens)."""
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], add_generation_prompt=True)
-    inputs = processor(text=prompt, images=[[image]], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, eos_token_id=None)
-    ref_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    prepared = pipe.prepare(ChatRequest((Message.user(text, [image]),), SamplingConfig(max_new_tokens=STEPS)))
+    inputs, ref_tokens, ref_logits = hf_reference(model, processor, [image], text, STEPS)
+    prepared, ours = teacher_forced(pipe, [image], text, ref_tokens)
     np.testing.assert_array_equal(prepared.input_ids, inputs["input_ids"].numpy())
-    backend = pipe.backend
-    cache = backend.new_cache(prepared.input_ids.shape[1] + STEPS)
-    ours = [backend.step(pipe.prompt_embeds(prepared), cache)]
-    for token in ref_tokens[:-1]:
-        ours.append(backend.step(backend.embed(np.array([[token]])), cache))
-    return ours, [logit[0].numpy() for logit in out.logits]
+    return ours, ref_logits
 
 
 def _rel(a, b) -> float:

@@ -56,7 +56,7 @@ def test_killed_re_export_keeps_the_old_bundle(tiny_model_dir, tiny_int4_bundle,
     _kill_when_staging_has_files(proc, tmp_path, "bundle")
     bundle = open_bundle(out)
     bundle.verify(full=True)
-    assert bundle.manifest["files"] == before["files"]
+    assert bundle.manifest.to_dict()["files"] == before["files"]
 
 
 def test_export_refuses_a_foreign_folder(tiny_model_dir, tmp_path, export_bundle_to):

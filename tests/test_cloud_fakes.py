@@ -32,7 +32,10 @@ from smoledge.cloud_fallback import (
     RouterConfig,
     load_profile,
 )
+from manifest_examples import example_manifest
 from smoledge.cloud_fallback.engine import LocalEngine
+from smoledge.runtime.manifest import Cloud, Manifest, Memory
+from smoledge.runtime.preprocess import ImageProcessorConfig
 from smoledge.runtime.types import ChatRequest, Message, RequestShape, SamplingConfig, StreamChunk
 
 TOKEN = "hf_SECRETtesttoken0123456789"
@@ -41,13 +44,14 @@ CLOUD_TEXT = "A lighthouse on a rocky coast at dusk."
 LOCAL_TEXT = "a small red boat"
 PROMPT = "Describe the harbour photo in detail please"
 
-MANIFEST = {
-    "context_length": 8192,
-    "memory": {"weight_bytes": 300_000_000, "kv_bytes_per_token": 50_000, "vision_bytes_per_tile": 40_000_000},
-    "source": {"model_id": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"},
-    "image": {"tile_size": 512, "longest_edge": 2048, "do_image_splitting": True, "image_seq_len": 64},
-    "cloud": {"substitute_model": "acme/vlm-large:fastest", "alternatives": ["acme/vlm-small:fake-provider"]},
-}
+MANIFEST = example_manifest(
+    context_length=8192,
+    memory=Memory(weight_bytes=300_000_000, kv_bytes_per_token=50_000, vision_bytes_per_tile=40_000_000,
+                  activation_bytes=0, notes=""),
+    model_id="HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+    image=ImageProcessorConfig(tile_size=512, longest_edge=2048, do_image_splitting=True, image_seq_len=64),
+    cloud=Cloud("acme/vlm-large:fastest", ("acme/vlm-small:fake-provider",)),
+)
 MODELS_LISTING = {
     "object": "list",
     "data": [
@@ -345,7 +349,7 @@ class CannedEngine:
     """Streams ``text`` word by word; ``fail`` is raised before word ``fail_at``; ``delay_s`` before each word."""
 
     def __init__(self, text: str = LOCAL_TEXT, *, tiles_per_image: int = 2, fail: BaseException | None = None,
-                 fail_at: int = 0, delay_s: float = 0.0, first_delay_s: float = 0.0, manifest: dict | None = None,
+                 fail_at: int = 0, delay_s: float = 0.0, first_delay_s: float = 0.0, manifest: Manifest | None = None,
                  measure_error: BaseException | None = None, frames: int = 0):
         self.text, self.tiles_per_image, self.frames = text, tiles_per_image, frames
         self.fail, self.fail_at, self.delay_s, self.first_delay_s = fail, fail_at, delay_s, first_delay_s
@@ -354,7 +358,7 @@ class CannedEngine:
         self.streams = 0
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self._manifest
 
     def measure(self, request: ChatRequest) -> RequestShape:

@@ -16,6 +16,7 @@ from smoledge.cloud_fallback.policy import LocalHealth, estimate, fallback_decis
 from smoledge.cloud_fallback.profiles import MachineInfo, SpeedFigures, profile_names, save_calibration
 from smoledge.cloud_fallback.retry import Backoff, Cooldown, parse_retry_after
 from smoledge.errors import BackendError, BundleError, ConfigError
+from smoledge.runtime.manifest import Manifest
 from smoledge.runtime.types import RequestShape
 
 PI4 = load_profile("raspberry-pi-5-4gb")
@@ -50,13 +51,13 @@ def test_prompt_plus_new_tokens_over_the_profiles_context():
 
 
 def test_prompt_plus_new_tokens_over_the_models_window():
-    small = {**MANIFEST, "context_length": 2048}
+    small = replace(MANIFEST, context_length=2048)
     d = decide(shape(prompt=2000, new=100, tiles=0), small, PI4, LocalHealth(), OK)
     assert d.reason == "2,000 prompt + 100 new tokens = 2,100 > 2,048 the model's context window"
 
 
 def test_peak_memory_over_budget():
-    heavy = {**MANIFEST, "memory": {**MANIFEST["memory"], "weight_bytes": 2_400_000_000}}
+    heavy = replace(MANIFEST, memory=replace(MANIFEST.memory, weight_bytes=2_400_000_000))
     d = decide(shape(), heavy, PI4, LocalHealth(), OK)
     assert d.route == "cloud"
     assert d.reason.startswith("estimated peak memory 2.49 GB > 2.41 GB budget on raspberry-pi-5-4gb")
@@ -64,7 +65,7 @@ def test_peak_memory_over_budget():
 
 
 def test_peak_memory_counts_weights_kv_vision_and_activations():
-    manifest = {**MANIFEST, "memory": {**MANIFEST["memory"], "activation_bytes": 1000}}
+    manifest = replace(MANIFEST, memory=replace(MANIFEST.memory, activation_bytes=1000))
     est = estimate(shape(prompt=100, new=50, tiles=3), manifest, PI4)
     assert est.peak_memory_bytes == 300_000_000 + 50_000 * 150 + 40_000_000 * 3 + 1000
 
@@ -125,8 +126,11 @@ def test_fallback_decision_names_the_local_failure():
 
 
 def test_manifest_without_memory_figures_is_a_bundle_error():
-    with pytest.raises(BundleError, match="memory figures"):
-        decide(shape(), {"context_length": 100}, PI4, LocalHealth(), OK)
+    # The router takes a typed manifest: a bundle without the memory figures is refused when it is read.
+    data = MANIFEST.to_dict()
+    del data["memory"]
+    with pytest.raises(BundleError, match="memory: missing"):
+        Manifest.from_dict(data)
 
 
 # --- retry and cooldown ------------------------------------------------------------------------

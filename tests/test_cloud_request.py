@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -12,6 +13,7 @@ from test_cloud_fakes import MANIFEST, MODELS_LISTING, TOKEN
 from smoledge.cloud_fallback import CloudConfig, cloud_targets
 from smoledge.cloud_fallback.config import DEFAULT_MODELS
 from smoledge.cloud_fallback.pricing import PriceBook
+from smoledge.runtime.manifest import Cloud
 from smoledge.cloud_fallback.request_builder import (
     build_chat_call,
     chat_payload,
@@ -106,7 +108,7 @@ def test_targets_and_their_routing_suffixes():
 def test_target_order_config_then_manifest_then_defaults():
     assert cloud_targets(CloudConfig(models=("x/y",)), MANIFEST) == ("x/y",)
     assert cloud_targets(CloudConfig(), MANIFEST) == ("acme/vlm-large:fastest", "acme/vlm-small:fake-provider")
-    assert cloud_targets(CloudConfig(), {"context_length": 1}) == DEFAULT_MODELS
+    assert cloud_targets(CloudConfig(), replace(MANIFEST, cloud=Cloud(None, ()))) == DEFAULT_MODELS
     assert cloud_targets(CloudConfig(), None) == DEFAULT_MODELS
 
 

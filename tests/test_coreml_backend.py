@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import synthetic_image
+from eager_reference import hf_reference
 from mil_eval import MilProgram, single_threaded
 from smoledge.errors import BackendUnavailableError, InputError, PromptTooLongError
 from smoledge.runtime import ChatRequest, Message, SamplingConfig
@@ -58,14 +59,7 @@ def _request(images, steps: int = STEPS) -> ChatRequest:
 
 
 def _eager(model, processor, images, steps: int = STEPS):
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(images)
-                 + [{"type": "text", "text": "What is in this image?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, eos_token_id=None)
-    return inputs, out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), [g[0].numpy() for g in out.logits]
+    return hf_reference(model, processor, images, "What is in this image?", steps)
 
 
 def check_against_eager(pipe: Pipeline, model, processor, images) -> None:
@@ -152,7 +146,7 @@ def test_capacity_and_padded_tiles_are_refused(fp16_bundle):
     mask[:, side // 2:] = False
     with pytest.raises(InputError, match="full tiles"):
         backend.encode_images(np.zeros((1, 3, side, side), np.float32), mask)
-    hidden = pipe.manifest["model"]["text"]["hidden_size"]
+    hidden = pipe.manifest.model.text.hidden_size
     cache = backend.new_cache(capacity)
     backend.step(np.zeros((1, capacity - 4, hidden), np.float32), cache)
     with pytest.raises(PromptTooLongError):

@@ -84,18 +84,18 @@ def _ops(spec) -> list:
 def test_the_bundle_keeps_onnx_and_adds_coreml(manifest):
     assert set(manifest["artifacts"]) == {"onnx", "coreml"}
     section = manifest["artifacts"]["coreml"]
-    assert list(section["models"]) == ["vision_encoder", "embed_tokens", "decoder"]
+    assert list(section["graphs"]) == ["vision_encoder", "embed_tokens", "decoder"]
     assert section["recipe"]["name"] == "int4"
     assert section["deployment_target"] == {"iOS": "18.0", "macOS": "15.0"}
     assert section["specification_version"] == SPEC_IOS18
-    assert section["weight_bytes"] == sum(m["bytes"] for m in section["models"].values())
+    assert section["weight_bytes"] == sum(m["bytes"] for m in section["graphs"].values())
 
 
 def test_every_package_file_is_listed_with_its_sha256(int4_bundle, manifest):
     from smoledge.runtime.bundle import open_bundle, sha256_file
 
-    for name, entry in manifest["artifacts"]["coreml"]["models"].items():
-        package = int4_bundle / entry["package"]
+    for name, entry in manifest["artifacts"]["coreml"]["graphs"].items():
+        package = int4_bundle / entry["file"]
         on_disk = sorted(p.relative_to(int4_bundle).as_posix() for p in package.rglob("*") if p.is_file())
         assert on_disk == entry["files"], name
         assert any(f.endswith("weights/weight.bin") for f in on_disk)
@@ -135,7 +135,7 @@ def test_decoder_spec_is_stateful_flexible_and_fp16(int4_bundle, manifest):
     shape = [text["num_hidden_layers"], text["num_key_value_heads"], capacity, text["head_dim"]]
     assert states == {"key_cache": (shape, FLOAT16, []), "value_cache": (shape, FLOAT16, [])}
     assert [f.name for f in spec.description.output] == ["logits"]
-    assert section["models"]["decoder"]["states"]["key_cache"]["shape"] == shape
+    assert section["graphs"]["decoder"]["states"]["key_cache"]["shape"] == shape
 
 
 def test_vision_and_embedding_specs(int4_bundle, manifest):
@@ -201,7 +201,7 @@ def test_the_manifest_reports_what_the_program_holds(manifest, tiny_model_and_pr
     names = [n.removesuffix(".weight") for n, p in model.named_parameters()
              if p.dim() == 2 and n.startswith("model.text_model.layers.")] + ["lm_head"]
     expected = Counter(scheme_label(recipe.scheme_for(n), "linear") for n in names)
-    report = section["models"]["decoder"]["quantization"]
+    report = section["graphs"]["decoder"]["quantization"]
     assert report["schemes"] == dict(expected)
     assert 4 < report["bits_per_weight"] < 9
 
@@ -217,9 +217,9 @@ def test_no_program_holds_a_non_finite_constant(int4_bundle):
 def test_fp32_recipe_leaves_every_weight_fp16(tiny_model_dir, tmp_path_factory):
     bundle = coreml_bundle(tmp_path_factory, tiny_model_dir, "tiny-coreml-fp32", "fp32", context=256)
     section = json.loads((bundle / "manifest.json").read_text())["artifacts"]["coreml"]
-    for name in section["models"]:
+    for name in section["graphs"]:
         assert not any(op.type.startswith("constexpr_") for op in _ops(_spec(bundle, name))), name
-        assert section["models"][name]["precision"] == "fp16"
+        assert section["graphs"][name]["precision"] == "fp16"
     assert section["context_capacity"] == 256
 
 

@@ -83,13 +83,13 @@ def test_the_manifest_describes_the_real_model(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     section = manifest["artifacts"]["coreml"]
     text = manifest["model"]["text"]
-    decoder = section["models"]["decoder"]
+    decoder = section["graphs"]["decoder"]
     assert decoder["states"]["key_cache"]["shape"] == [text["num_hidden_layers"], text["num_key_value_heads"],
                                                        CONTEXT, text["head_dim"]]
     assert decoder["outputs"]["logits"]["shape"] == [1, "query", text["vocab_size"]]
     assert 4.0 < decoder["quantization"]["bits_per_weight"] < 8.0
     recipe = Recipe.from_dict(section["recipe"])
     embed_scheme = scheme_label(recipe.scheme_for("model.text_model.embed_tokens"), "linear")
-    assert section["models"]["embed_tokens"]["quantization"]["schemes"] == {embed_scheme: 1}
-    reports = [m["quantization"] for m in section["models"].values()]
+    assert section["graphs"]["embed_tokens"]["quantization"]["schemes"] == {embed_scheme: 1}
+    reports = [m["quantization"] for m in section["graphs"].values()]
     assert sum(r["weight_bytes"] for r in reports) < 0.6 * sum(2 * r["weights"] for r in reports)

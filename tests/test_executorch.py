@@ -1,8 +1,8 @@
 """The ExecuTorch target and backend on the tiny random model.
 
 Parity, as for ONNX: the fp32 ``.pte`` against transformers eager -- logits within 1e-4 relative (to
-their largest magnitude) at every step for 24 teacher-forced steps, greedy tokens identical, free-running
-stream identical; the vision method within 1e-4.  The 4-bit ``.pte`` against the same model quantized by
+their largest magnitude) at every teacher-forced step, greedy tokens identical, free-running stream
+identical (test_format_parity.py, over the registry); the vision method within 1e-4 (here).  The 4-bit ``.pte`` against the same model quantized by
 torchao in eager mode with the same recipe mapping (not fp32: on random weights int4 flips near-tied
 argmaxes): greedy tokens identical, logits within 1e-4 relative too (measured ~3e-7: with block scales
 rounded to bfloat16 as XNNPACK stores them, XNNPACK's int8 x int4 kernels reproduce torchao's reference).
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, synthetic_image
+from eager_reference import hf_reference, relative_errors, teacher_forced
 from smoledge.runtime import ChatRequest, Message, SamplingConfig, load
 
 STEPS = 24
@@ -31,11 +32,9 @@ CASES = {"text-only": [], "one-image": [(100, 70)], "two-images": [(60, 60), (20
 
 
 @pytest.fixture(scope="module")
-def et_fp32_bundle(tiny_fp32_bundle, tiny_model_dir, export_bundle_to, tmp_path_factory):
+def et_fp32_bundle(fp32_bundle_with):
     """The ONNX fp32 bundle with the ExecuTorch fp32 .pte added: two formats in one bundle."""
-    out = tmp_path_factory.mktemp("et") / "tiny-fp32"
-    shutil.copytree(tiny_fp32_bundle, out)
-    return export_bundle_to(tiny_model_dir, out, "fp32", formats=("executorch",))
+    return fp32_bundle_with("executorch")
 
 
 @pytest.fixture(scope="module")
@@ -65,60 +64,6 @@ def torchao_int4_model(tiny_model_and_processor):
     return model
 
 
-def _hf_reference(model, processor, images, text, steps=STEPS):
-    """HF eager greedy decoding for ``steps`` steps (EOS ignored), with the logits of every step."""
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, eos_token_id=None)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    return inputs, tokens, [logit[0].numpy() for logit in out.logits]
-
-
-def _teacher_forced(pipe, images, text, ref_tokens):
-    """Our logits at every step, fed the reference token each time (one near-tie cannot derail the rest)."""
-    request = ChatRequest((Message.user(text, images),), SamplingConfig(max_new_tokens=len(ref_tokens)))
-    prepared = pipe.prepare(request)
-    backend = pipe.backend
-    cache = backend.new_cache(prepared.input_ids.shape[1] + len(ref_tokens))
-    logits = [backend.step(pipe.prompt_embeds(prepared), cache)]
-    for token in ref_tokens[:-1]:
-        logits.append(backend.step(backend.embed(np.array([[token]])), cache))
-    return prepared, logits
-
-
-def _relative_errors(ours, refs):
-    return [float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(ours, refs)]
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_fp32_pte_matches_transformers_eager(case, fp32_pipe, tiny_model_and_processor):
-    model, processor = tiny_model_and_processor
-    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
-    inputs, ref_tokens, ref_logits = _hf_reference(model, processor, images, "What is in this image?")
-    prepared, ours = _teacher_forced(fp32_pipe, images, "What is in this image?", ref_tokens)
-    np.testing.assert_array_equal(prepared.input_ids, inputs["input_ids"].numpy())
-    errors = _relative_errors(ours, ref_logits)
-    assert max(errors) < REL_TOL, f"{case}: logits differ by up to {max(errors):.2e} (relative)"
-    assert [int(np.argmax(lg)) for lg in ours] == ref_tokens
-    assert len(set(ref_tokens)) > 3, "the tiny model collapsed onto a few tokens; the test would prove little"
-
-
-def test_fp32_free_running_stream_matches_eager(fp32_pipe, tiny_model_and_processor):
-    model, processor = tiny_model_and_processor
-    images = [synthetic_image(120, 80, seed=3)]
-    _, ref_tokens, _ = _hf_reference(model, processor, images, "Describe the picture.")
-    request = ChatRequest((Message.user("Describe the picture.", images),), SamplingConfig(max_new_tokens=STEPS))
-    expected = []
-    for token in ref_tokens:
-        expected.append(token)
-        if token in fp32_pipe.eos_ids:
-            break
-    assert [chunk.token_id for chunk in fp32_pipe.stream(request)] == expected
-
-
 def test_fp32_vision_method_matches_get_image_features(fp32_pipe, tiny_model_and_processor):
     model, _ = tiny_model_and_processor
     size = model.config.vision_config.image_size
@@ -135,10 +80,10 @@ def test_fp32_vision_method_matches_get_image_features(fp32_pipe, tiny_model_and
 def test_int4_pte_matches_torchao_quantized_eager(case, int4_pipe, torchao_int4_model, tiny_model_and_processor):
     _, processor = tiny_model_and_processor
     images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
-    _, ref_tokens, ref_logits = _hf_reference(torchao_int4_model, processor, images, "What is in this image?")
-    _, ours = _teacher_forced(int4_pipe, images, "What is in this image?", ref_tokens)
+    _, ref_tokens, ref_logits = hf_reference(torchao_int4_model, processor, images, "What is in this image?", STEPS)
+    _, ours = teacher_forced(int4_pipe, images, "What is in this image?", ref_tokens)
     assert [int(np.argmax(lg)) for lg in ours] == ref_tokens
-    errors = _relative_errors(ours, ref_logits)
+    errors = relative_errors(ours, ref_logits)
     assert max(errors) < INT4_REL_TOL, f"{case}: int4 logits differ by up to {max(errors):.2e} (relative)"
     request = ChatRequest((Message.user("What is in this image?", images),),
                           SamplingConfig(max_new_tokens=STEPS))
@@ -168,21 +113,23 @@ def test_manifest_records_the_pte_recipe_mapping_and_runner_constants(et_int4_bu
 
     bundle = open_bundle(et_int4_bundle)
     section = bundle.artifact("executorch")
-    pte = bundle.file(section["file"])
-    assert section["weight_bytes"] == pte.stat().st_size == bundle.manifest["files"][section["file"]]["size"]
-    assert set(section["methods"]) == {"vision_encoder", "token_embedding", "text_decoder"}
-    assert section["recipe"]["name"] == "int4"
-    quant = section["quantization"]
+    pte_file = section.graphs["decoder"].file
+    pte = bundle.file(pte_file)
+    assert section.weight_bytes == pte.stat().st_size == bundle.manifest.files[pte_file].size
+    assert {g.method for g in section.graphs.values()} == {"vision_encoder", "token_embedding", "text_decoder"}
+    assert {g.file for g in section.graphs.values()} == {pte_file}
+    assert section.recipe_name == "int4"
+    quant = section.quantization
     assert quant["schemes"]["8da4w-sym-g32"] > 0 and quant["schemes"]["embedding-int4-asym-g32"] == 1
     assert quant["schemes"]["8da8w-sym-per-channel"] > 0  # lm_head and the vision tower: 8-bit per the recipe
-    asked = {_label(rule["scheme"]) for rule in section["recipe"]["rules"]}
+    asked = {_label(rule["scheme"]) for rule in section.recipe["rules"]}
     assert all(m["recipe"] in asked for m in quant["mapping"])
-    constants = section["constant_methods"]
-    assert set(constants["get_eos_ids"]) == set(bundle.manifest["generation"]["eos_token_ids"])
-    assert constants["get_max_seq_len"] == constants["get_max_context_len"] == section["max_context_len"]
-    delegate = section["delegate"]["methods"]
+    constants = section.constant_methods
+    assert set(constants["get_eos_ids"]) == set(bundle.manifest.generation.eos_token_ids)
+    assert constants["get_max_seq_len"] == constants["get_max_context_len"] == section.context_capacity
+    delegate = section.delegate["methods"]
     assert delegate["vision_encoder"]["xnnpack_partitions"] == 1
-    layers = bundle.manifest["model"]["text"]["num_hidden_layers"]
+    layers = bundle.manifest.model.text.num_hidden_layers
     assert delegate["text_decoder"]["xnnpack_partitions"] <= 2 * layers + 1  # split only around the cache ops
     outside = " ".join(delegate["text_decoder"]["outside_delegate"])
     for slow_op in ("mean", "layer_norm", "index_put", "slice_copy", "expand_copy", "unsqueeze_copy"):
@@ -215,8 +162,8 @@ def test_formats_share_one_bundle_and_int4_is_smaller(et_fp32_bundle, et_int4_bu
     assert both.formats == ["executorch", "onnx"]
     both.verify(full=True)
     assert load(et_fp32_bundle).generate(ChatRequest((Message.user("hi"),), SamplingConfig(max_new_tokens=3)))
-    fp32 = both.artifact("executorch")["weight_bytes"]
-    int4 = open_bundle(et_int4_bundle).artifact("executorch")["weight_bytes"]
+    fp32 = both.artifact("executorch").weight_bytes
+    int4 = open_bundle(et_int4_bundle).artifact("executorch").weight_bytes
     assert int4 < fp32 / 2.5
 
 
@@ -262,12 +209,12 @@ def test_cpp_multimodal_runner_reproduces_python_tokens(et_int4_bundle, int4_pip
     load_kernel_libraries()
     section = int4_pipe.bundle.artifact("executorch")
     tokenizer = tmp_path / "ids.json"
-    _id_tokenizer(tokenizer, section["constant_methods"]["get_vocab_size"])
+    _id_tokenizer(tokenizer, section.constant_methods["get_vocab_size"])
     request = ChatRequest((Message.user("What is in this image?", [synthetic_image(100, 70, seed=5)]),),
                           SamplingConfig(max_new_tokens=16))
     ours = [chunk.token_id for chunk in int4_pipe.stream(request)]
     prepared = int4_pipe.prepare(request)
-    runner = runner_module.MultimodalRunner(str(et_int4_bundle / section["file"]), str(tokenizer))
+    runner = runner_module.MultimodalRunner(str(et_int4_bundle / section.graphs["decoder"].file), str(tokenizer))
     pieces = []
     config = runner_module.GenerationConfig(echo=False, max_new_tokens=16, temperature=0.0)
     runner.generate(runner_inputs(runner_module, prepared.input_ids, prepared.images.pixel_values,
@@ -368,8 +315,8 @@ def test_max_context_len_flag_caps_what_the_router_accepts(tiny_model_dir, tmp_p
                   "--max-context-len", "64", "--out", str(out), "--no-progress")
     assert res.returncode == 0, res.stderr
     pipe = load(out, backend="executorch")
-    assert pipe.backend.max_context_len == 64 == pipe.context_length == pipe.manifest["context_length"]
-    assert load(out, backend="executorch").bundle.manifest["context_length"] > 64  # the model's own window
+    assert pipe.backend.max_context_len == 64 == pipe.context_length == pipe.manifest.context_length
+    assert load(out, backend="executorch").bundle.manifest.context_length > 64  # the model's own window
     res = run_cli("run", str(out), "--backend", "executorch", "--prompt", "word " * 80, "--max-new-tokens", "8")
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()

@@ -46,7 +46,7 @@ def test_cpp_multimodal_runner_gives_the_same_answer_from_the_prompt_text(bundle
 
     load_kernel_libraries()
     section = pipe.bundle.artifact("executorch")
-    runner = runner_module.MultimodalRunner(str(bundle / section["file"]), str(bundle / "tokenizer.json"))
+    runner = runner_module.MultimodalRunner(str(bundle / section.graphs["decoder"].file), str(bundle / "tokenizer.json"))
     pieces, stats = [], []
     config = runner_module.GenerationConfig(echo=False, max_new_tokens=24, temperature=0.0)
     runner.generate([runner_module.make_text_input(prompt)], config, pieces.append,

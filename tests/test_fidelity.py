@@ -28,7 +28,7 @@ def test_fidelity_command_on_tiny_bundles(tiny_int4_bundle, tiny_fp32_bundle, tm
     report = json.loads(out.read_text())
     assert 0 < report["end_to_end"]["top1_agreement"] <= 1
     assert report["graphs"]["vision_encoder"]["cosine"] > 0.9
-    assert report["bits_per_weight"]["decoder_model_merged"] < 8
+    assert report["bits_per_weight"]["decoder"] < 8
 
 
 def test_fidelity_of_fp32_against_itself_is_perfect(tiny_fp32_bundle):

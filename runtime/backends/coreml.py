@@ -1,6 +1,6 @@
 """Core ML backend: the bundle's three ``.mlpackage`` s through ``coremltools`` on macOS 15+.
 
-Everything the backend needs comes from ``manifest["artifacts"]["coreml"]``: package paths, input and
+Everything the backend needs comes from the manifest's coreml section (``CoreMLArtifact``): package paths, input and
 state names, the KV capacity and the attention-mask convention.  The KV cache is Core ML state
 (``MLModel.make_state()``), advanced in place by each ``predict``; the backend only tracks its length
 and sends ``position_ids`` and an additive ``causal_mask [1,1,S,P+S]`` with every call.
@@ -47,12 +47,12 @@ def package_paths(bundle: Bundle) -> dict:
     section = bundle.artifact(FORMAT)
     paths = {}
     for name in MODELS:
-        entry = section["models"].get(name)
+        entry = section.graphs.get(name)
         if entry is None:
             raise BundleError(f"the bundle's coreml artifacts lack the {name} model", hint="re-export the bundle")
-        for rel in entry["files"]:
+        for rel in entry.files:
             bundle.file(rel)
-        paths[name] = (bundle.path / entry["package"]).resolve()
+        paths[name] = (bundle.path / entry.file).resolve()
     return paths
 
 
@@ -62,10 +62,10 @@ class CoreMLBackend:
     def __init__(self, bundle: Bundle, models: dict):
         self.section = bundle.artifact(FORMAT)
         self.models = models
-        self.capacity = int(self.section["context_capacity"])
+        self.capacity = self.section.capacity(bundle.manifest.context_length)
         self.max_context_len = self.capacity  # the Pipeline (and the router) cap requests at the state's size
-        self.masked = float(self.section["attention_mask"]["masked"])
-        self.full_tiles_only = bool(self.section["models"]["vision_encoder"].get("full_tiles_only", True))
+        self.masked = self.section.attention_mask.masked
+        self.full_tiles_only = self.section.full_tiles_only
 
     def _predict(self, name: str, inputs: dict, state=None) -> dict:
         try:

@@ -171,12 +171,15 @@ class ExecutorchBackend:
 
     def __init__(self, bundle: Bundle, options: ExecutorchOptions = ExecutorchOptions()):
         section = bundle.artifact(FORMAT)
-        self.program, self.methods = open_program(bundle.file(section["file"]), threads=options.threads)
+        graphs = section.graphs
+        self.method_of = {name: graph.method or name for name, graph in graphs.items()}
+        self.program, self.methods = open_program(bundle.file(graphs["decoder"].file),
+                                                  tuple(self.method_of.values()), threads=options.threads)
         import torch  # present: executorch.runtime needs it and imported it above
 
         self.torch = torch
-        self.max_context_len = int(section["max_context_len"])
-        self.tile_size = int(section["methods"]["vision_encoder"]["inputs"]["pixel_values"][-1])
+        self.max_context_len = section.capacity(bundle.manifest.context_length)
+        self.tile_size = int(graphs["vision_encoder"].inputs["pixel_values"].shape[-1])
         self._generation = 0
 
     def _run(self, method: str, inputs: list):
@@ -195,13 +198,13 @@ class ExecutorchBackend:
             raise InputError(f"image tiles must be 3x{self.tile_size}x{self.tile_size}, got "
                              f"{'x'.join(map(str, pixel_values.shape[1:]))}")
         tiles = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        parts = [self._run("vision_encoder", [self.torch.from_numpy(tiles[i:i + 1])]).numpy()
+        parts = [self._run(self.method_of["vision_encoder"], [self.torch.from_numpy(tiles[i:i + 1])]).numpy()
                  for i in range(len(tiles))]
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         ids = self.torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
-        return self._run("token_embedding", [ids]).numpy()
+        return self._run(self.method_of["embed_tokens"], [ids]).numpy()
 
     def new_cache(self, max_length: int) -> ExecutorchCache:
         if max_length > self.max_context_len:
@@ -223,7 +226,7 @@ class ExecutorchBackend:
         torch = self.torch
         embeds = torch.from_numpy(np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         positions = torch.arange(cache.length, cache.length + seq, dtype=torch.long)
-        logits = self._run("text_decoder", [embeds, positions])
+        logits = self._run(self.method_of["decoder"], [embeds, positions])
         cache.length += seq
         return logits.numpy().reshape(-1)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from smoledge.errors import BackendError, BackendUnavailableError, BundleError
 from smoledge.runtime.bundle import Bundle
+from smoledge.runtime.manifest import Graph
 
 FORMAT = "onnx"
 
@@ -49,21 +50,20 @@ class OnnxBackend:
         if options.threads:
             sess_opts.intra_op_num_threads = options.threads
         sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sessions = {name: self._session(ort, bundle, graph, sess_opts)
-                         for name, graph in section["graphs"].items()}
-        decoder = section["graphs"]["decoder_model_merged"]
-        self.past_names = [n for n in decoder["inputs"] if n.startswith("past_key_values.")]
-        self.present_names = [n for n in decoder["outputs"] if n.startswith("present.")]
-        self.kv_shape = decoder["inputs"][self.past_names[0]]  # [batch, heads, past, head_dim]
+        self.sessions = {name: self._session(ort, bundle, graph, sess_opts) for name, graph in section.graphs.items()}
+        decoder = section.graphs["decoder"]
+        self.past_names = [n for n in decoder.inputs if n.startswith("past_key_values.")]
+        self.present_names = [n for n in decoder.outputs if n.startswith("present.")]
+        self.kv_shape = decoder.inputs[self.past_names[0]].shape  # [batch, heads, past, head_dim]
 
-    def _session(self, ort, bundle: Bundle, graph: dict, sess_opts):
-        path = bundle.file(graph["file"])
-        for data in graph.get("data_files", []):
-            bundle.file(data)  # listed and inside the bundle
+    def _session(self, ort, bundle: Bundle, graph: Graph, sess_opts):
+        path = bundle.file(graph.file)
+        for rel in graph.files:
+            bundle.file(rel)  # listed and inside the bundle
         try:
             return ort.InferenceSession(str(path), sess_options=sess_opts, providers=list(self.options.providers))
         except Exception as err:  # onnxruntime raises its own untyped exceptions on bad files
-            raise BundleError(f"onnxruntime cannot load {graph['file']}: {str(err).splitlines()[0][:200]}",
+            raise BundleError(f"onnxruntime cannot load {graph.file}: {str(err).splitlines()[0][:200]}",
                               hint="the file is corrupt or from a newer exporter; re-export the bundle") from None
 
     def _run(self, graph: str, feed: dict, outputs=None):
@@ -89,7 +89,8 @@ class OnnxBackend:
         empty = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
         return OnnxCache([empty] * len(self.past_names), 0, max_length)
 
-    def step(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
+    def _decode(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
+        """Run the decoder after ``cache``; advance it; the logits of every new position [S, vocab]."""
         seq = inputs_embeds.shape[1]
         total = cache.length + seq
         feed = {
@@ -98,10 +99,17 @@ class OnnxBackend:
             "position_ids": np.arange(cache.length, total, dtype=np.int64)[None, :],
         }
         feed.update(zip(self.past_names, cache.past))
-        logits, *present = self._run("decoder_model_merged", feed)
+        logits, *present = self._run("decoder", feed)
         cache.past = present
         cache.length = total
-        return logits[0, -1]
+        return logits[0]
+
+    def step(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
+        return self._decode(inputs_embeds, cache)[-1]
+
+    def all_logits(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits at every position [S, vocab], in one decoder call on a fresh cache."""
+        return self._decode(inputs_embeds, self.new_cache(inputs_embeds.shape[1]))
 
 
 def load(bundle: Bundle, **options) -> OnnxBackend:
