@@ -61,9 +61,10 @@ def check_supported(model) -> None:
 
 def context_len(model, options: ExecutorchTargetOptions) -> int:
     limit = int(model.config.text_config.max_position_embeddings)
-    wanted = options.max_context_len or limit
+    wanted = limit if options.max_context_len is None else options.max_context_len  # 0 is refused, not "full"
     if wanted < 16:
-        raise ConfigError(f"max_context_len must be at least 16, got {wanted}")
+        raise ConfigError(f"max_context_len must be at least 16, got {wanted}",
+                          hint="pass None (--max-context-len full) for the model's whole context window")
     return min(wanted, limit)
 
 

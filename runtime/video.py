@@ -140,13 +140,18 @@ class VideoConfig:
             raise ConfigError("video processor config: do_resize is off", hint="frames must be resized to the tile")
         return cls(
             tile_size=int(max_size["longest_edge"]), longest_edge=int(size["longest_edge"]),
-            fps=float(sampling.get("fps", d.get("fps") or DEFAULT_FPS)),
-            max_frames=int(sampling.get("max_frames", d.get("num_frames") or DEFAULT_MAX_FRAMES)),
+            # a missing / null fps or num_frames takes SmolVLM2's default; 0 is refused by __post_init__
+            fps=float(sampling.get("fps", _given(d, "fps", DEFAULT_FPS))),
+            max_frames=int(sampling.get("max_frames", _given(d, "num_frames", DEFAULT_MAX_FRAMES))),
             resample=int(d.get("resample", LANCZOS)), do_rescale=bool(d.get("do_rescale", True)),
             rescale_factor=float(d.get("rescale_factor", 1 / 255)), do_normalize=bool(d.get("do_normalize", True)),
             image_mean=_three(d.get("image_mean", 0.5)), image_std=_three(d.get("image_std", 0.5)),
             chat_template=chat_template,
         )
+
+
+def _given(d: Mapping[str, Any], key: str, default: Any) -> Any:
+    return default if d.get(key) is None else d[key]
 
 
 def _three(value: Any) -> tuple[float, ...]:
