@@ -3,7 +3,8 @@ fallback drive.
 
 ``Pipeline.load(path)`` opens and verifies the bundle, loads the tokenizer and a backend; then
 ``measure`` says what a request costs without running the model, ``stream`` answers it chunk by chunk
-and ``generate`` returns the text.  Only numpy, pillow, tokenizers, jinja2 and the backend's runtime
+and ``generate`` returns the text.  The prompt ``measure`` renders and tokenizes (its :class:`Plan`) is
+handed on to ``stream`` of the same request, so routing and generation render it once.  Only numpy, pillow, tokenizers, jinja2 and the backend's runtime
 are imported (and PyAV once a request holds a video).
 """
 
@@ -34,6 +35,20 @@ class Prepared:
     images: ProcessedImages | None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What ``measure`` worked out for a request: its shape, and the prompt ids for the tile grids and video
+    frames it measured (reused by ``prepare`` when the decoded media give the same grids and frames)."""
+
+    shape: RequestShape
+    input_ids: np.ndarray
+    grids: tuple[tuple[int, int], ...]
+    videos: tuple[VideoPlan, ...]
+
+
+_PLANS_KEPT = 8  # measured requests whose plan waits for their stream (the others went to the cloud)
+
+
 class Pipeline:
     def __init__(self, bundle: Bundle, backend):
         from tokenizers import Tokenizer
@@ -58,6 +73,7 @@ class Pipeline:
         self._manifest = dataclasses.replace(m, context_length=self.context_length)
         self.video_config: VideoConfig | None = m.video
         self.last_stats = GenerationStats()
+        self._plans: dict[int, tuple[ChatRequest, Plan]] = {}  # id(request) -> (request, its plan)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnx", *, verify: bool = True, **backend_options) -> "Pipeline":
@@ -98,16 +114,33 @@ class Pipeline:
             raise InputError("the request has no content", hint="give a prompt")
 
     def measure(self, request: ChatRequest) -> RequestShape:
-        """What the request costs, from image sizes, video headers and the tokenised prompt; no pixels decoded."""
+        """What the request costs, from image sizes, video headers and the tokenised prompt; no pixels decoded.
+        The plan is kept for ``stream`` / ``prepare`` of this same request object."""
+        plan = self.plan(request)
+        self._plans[id(request)] = (request, plan)
+        while len(self._plans) > _PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)), None)
+        return plan.shape
+
+    def plan(self, request: ChatRequest) -> Plan:
         from smoledge.runtime.preprocess import peek_image_size, tiles_in_grid
 
         self._check_request(request)
-        grids = [tile_grid(*peek_image_size(img), self.image_config) for img in request.images()]
-        plans = [plan_video(video, self.video_config) for video in request.videos()]
+        grids = tuple(tile_grid(*peek_image_size(img), self.image_config) for img in request.images())
+        plans = tuple(plan_video(video, self.video_config) for video in request.videos())
         ids = self._prompt_ids(request, grids, plans)
-        return RequestShape(prompt_tokens=ids.shape[1], max_new_tokens=request.sampling.max_new_tokens,
-                            image_tiles=sum(tiles_in_grid(r, c) for r, c in grids), images=len(grids),
-                            video_frames=sum(plan.frames for plan in plans))
+        shape = RequestShape(prompt_tokens=ids.shape[1], max_new_tokens=request.sampling.max_new_tokens,
+                             image_tiles=sum(tiles_in_grid(r, c) for r, c in grids), images=len(grids),
+                             video_frames=sum(plan.frames for plan in plans))
+        return Plan(shape, ids, grids, plans)
+
+    def _measured_ids(self, request: ChatRequest, grids, videos) -> np.ndarray | None:
+        """The prompt ids ``measure`` made for this request, if the media it measured are what was decoded."""
+        kept = self._plans.pop(id(request), None)
+        if kept is None or kept[0] is not request:
+            return None
+        plan = kept[1]
+        return plan.input_ids if plan.grids == tuple(grids) and plan.videos == tuple(videos) else None
 
     def prepare(self, request: ChatRequest) -> Prepared:
         self._check_request(request)
@@ -117,7 +150,10 @@ class Pipeline:
             # paths/bytes go through load_image inside preprocess; PIL images are taken as given (as HF does)
             images = preprocess(list(sources), self.image_config)
         videos = [load_video(video, self.video_config) for video in request.videos()]
-        ids = self._prompt_ids(request, images.grids if images else [], [v.plan for v in videos])
+        grids, video_plans = images.grids if images else (), [v.plan for v in videos]
+        ids = self._measured_ids(request, grids, video_plans)
+        if ids is None:
+            ids = self._prompt_ids(request, grids, video_plans)
         total = ids.shape[1] + request.sampling.max_new_tokens
         if total > self.context_length:
             raise PromptTooLongError(
