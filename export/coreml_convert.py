@@ -22,11 +22,11 @@ import torch
 from smoledge.export.coreml_graphs import (KEY_CACHE, VALUE_CACHE, CoreMLEmbedTokens, CoreMLVisionEncoder,
                                            StatefulDecoder, additive_causal_mask)
 from smoledge.export.graphs import text_shape
+from smoledge.quantize.coreml_quant import WEIGHT_OPS
 
 log = logging.getLogger(__name__)
 
 QUERY, TOTAL = "query", "total"
-WEIGHT_OPS = {"linear": "weight", "gather": "x"}  # op type -> the input that holds an HF weight
 
 
 @dataclass

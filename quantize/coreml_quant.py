@@ -36,6 +36,7 @@ from smoledge.quantize.recipe import QuantReport, Recipe, Scheme
 log = logging.getLogger(__name__)
 
 METHODS = ("linear", "palettize")
+WEIGHT_OPS = {"linear": "weight", "gather": "x"}  # MIL op type -> the input that holds an HF weight
 COMPRESSED_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
 
 
@@ -87,8 +88,6 @@ def compress(mlmodel, recipe: Recipe, names: dict[str, str], method: str = "line
 def weight_report(program, expected: dict[str, str], recipe: Recipe, method: str) -> QuantReport:
     """Count what the program really stores for each named weight (coremltools skips a weight whose
     axes its block does not divide; that weight is reported as float16, with a warning)."""
-    from smoledge.export.coreml_convert import WEIGHT_OPS
-
     counts: dict[str, int] = defaultdict(int)
     weights = stored = 0
     for op in program.functions["main"].operations:
