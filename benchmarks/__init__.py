@@ -10,7 +10,7 @@ Measures smoledge bundles side by side with their peers on the same model and th
   peak RSS are per subject; rounds **alternate** between subjects and the report gives the median of
   the rounds with their min and max;
 * **quality** is KL / top-1 agreement against transformers fp32 logits, teacher-forced on the fidelity
-  text of :mod:`smoledge.quantize.fidelity`.
+  text of :mod:`smoledge.fidelity`.
 
 Layout: ``config`` (sizes, workload, settings), ``models`` (build / export / convert what is missing,
 cached), ``full_model`` (the SmolVLM2-2.2B architecture with random weights), ``gguf_convert`` (HF ->

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smoledge.quantize.fidelity import compare_logits
+from smoledge.fidelity import compare_logits
 
 
 def load_logits(out_file: Path, files: list[str]) -> list[np.ndarray]:

@@ -125,7 +125,7 @@ class PromptMaker:
 
     def fidelity_ids(self) -> list[list[int]]:
         """The fidelity text's chunks, tokenised as ``smoledge fidelity`` does."""
-        from smoledge.quantize.fidelity import TEXT_FILE
+        from smoledge.fidelity import TEXT_FILE
 
         chunks = [line for line in TEXT_FILE.read_text().splitlines() if line.strip()]
         return [self.tokenizer.encode(chunk).ids[:FIDELITY_MAX_TOKENS] for chunk in chunks]

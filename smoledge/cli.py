@@ -20,12 +20,12 @@ from smoledge.redact import redact
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("smoledge.export.cli", "export a SmolVLM checkpoint to a phone-ready bundle"),
     "demo-model": ("smoledge.export.demo_models", "build an offline demo model (real-text or tiny)"),
-    "run": ("smoledge.runtime.cli", "answer a prompt (with images) from a bundle"),
-    "bundle": ("smoledge.runtime.bundle_cli", "verify or describe a bundle"),
-    "fidelity": ("smoledge.quantize.fidelity", "compare a quantized bundle against fp32"),
-    "doctor": ("smoledge.cloud_fallback.doctor", "show what this device can run; calibrate its speed"),
-    "usage": ("smoledge.cloud_fallback.usage_cli", "print the cloud usage ledger"),
-    "serve": ("smoledge.runtime.server", "serve a bundle over an OpenAI-compatible HTTP API"),
+    "run": ("smoledge.run", "answer a prompt (with images) from a bundle"),
+    "bundle": ("smoledge.bundle_cli", "verify or describe a bundle"),
+    "fidelity": ("smoledge.fidelity", "compare a quantized bundle against fp32"),
+    "doctor": ("smoledge.doctor", "show what this device can run; calibrate its speed"),
+    "usage": ("smoledge.usage", "print the cloud usage ledger"),
+    "serve": ("smoledge.serve", "serve a bundle over an OpenAI-compatible HTTP API"),
     "bench": ("smoledge.benchmarks.cli", "measure bundles side by side with transformers and llama.cpp"),
     "cache": ("smoledge.cache_cli", "show what the smoledge cache holds, or prune it"),
 }

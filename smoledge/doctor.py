@@ -16,9 +16,9 @@ from pathlib import Path
 
 from smoledge.errors import BackendUnavailableError, ConfigError
 
-from .calibrate import calibrate, capabilities
-from .config import default_cache_dir, env_flag, hub_offline
-from .profiles import DeviceProfile, detect_machine, load_profile, profile_names, save_calibration
+from smoledge.cloud_fallback.calibrate import calibrate, capabilities
+from smoledge.cloud_fallback.config import default_cache_dir, env_flag, hub_offline
+from smoledge.cloud_fallback.profiles import DeviceProfile, detect_machine, load_profile, profile_names, save_calibration
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

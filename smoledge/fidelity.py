@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-TEXT_FILE = Path(__file__).parent / "fidelity_text.txt"
+from smoledge import quantize
+
+TEXT_FILE = Path(quantize.__file__).parent / "fidelity_text.txt"  # package data of smoledge.quantize
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,9 @@ def _web_stack() -> None:
 
 
 def settings_from_args(args: argparse.Namespace, manifest: Manifest):
-    from smoledge.runtime.server_app import ServerSettings
     from smoledge.runtime.server_conn import ConnectionLimits
     from smoledge.runtime.server_guard import AccessRules
+    from smoledge.server_app import ServerSettings
     from smoledge.runtime.server_images import ImageLimits
 
     images = ImageLimits(max_image_bytes=int(args.max_image_mb * MB), max_image_pixels=args.max_image_pixels,
@@ -170,8 +170,8 @@ def main(args: argparse.Namespace) -> int:
     _web_stack()
     from smoledge.cloud_fallback import router_config_from_args
     from smoledge.runtime.pipeline import Pipeline
-    from smoledge.runtime.server_app import make_server, run_server
-    from smoledge.runtime.server_worker import Service
+    from smoledge.server_app import make_server, run_server
+    from smoledge.server_worker import Service
 
     config = router_config_from_args(args)
     pipe = Pipeline.load(args.bundle, args.backend, **backend_options_from_args(args))

@@ -1,4 +1,4 @@
-"""The HTTP face of ``smoledge serve``: a Starlette app over a :class:`~smoledge.runtime.server_worker.Service`.
+"""The HTTP face of ``smoledge serve``: a Starlette app over a :class:`~smoledge.server_worker.Service`.
 
 Routes: ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``GET /health``.  Every error is an OpenAI error body.  This module imports the web stack (the
@@ -41,7 +41,7 @@ from smoledge.runtime.server_protocol import (
     sse,
     usage_chunk,
 )
-from smoledge.runtime.server_worker import Job, Service
+from smoledge.server_worker import Job, Service
 
 log = logging.getLogger("smoledge.serve")
 

@@ -9,10 +9,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .config import default_cache_dir, ledger_config_from_env, ledger_path
-from .ledger import GROUPINGS, Ledger, Total
-from .pricing import Price, cached_price_book
-from .spend import SpendCap
+from smoledge.cloud_fallback.config import default_cache_dir, ledger_config_from_env, ledger_path
+from smoledge.cloud_fallback.ledger import GROUPINGS, Ledger, Total
+from smoledge.cloud_fallback.pricing import Price, cached_price_book
+from smoledge.cloud_fallback.spend import SpendCap
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

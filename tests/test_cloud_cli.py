@@ -113,7 +113,7 @@ def test_cli_modules_import_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, smoledge.cloud_fallback.doctor, smoledge.cloud_fallback.usage_cli;"
+    code = ("import sys, smoledge.doctor, smoledge.usage;"
             "print([m for m in ('httpx2', 'onnxruntime', 'torch', 'transformers') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from smoledge.quantize.fidelity import compare_logits
+from smoledge.fidelity import compare_logits
 
 
 def test_compare_logits_identical_and_shifted():

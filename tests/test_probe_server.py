@@ -14,7 +14,7 @@ from test_cloud_fakes import TOKEN, Reply, make_config, router  # noqa: F401
 from test_server_fakes import CountingEngine, data_url, module_router, png_bytes, start_server  # noqa: F401
 
 from smoledge.cloud_fallback import PolicyConfig
-from smoledge.runtime.server_app import ServerSettings
+from smoledge.server_app import ServerSettings
 from smoledge.runtime.server_conn import ConnectionLimits
 from smoledge.runtime.server_guard import AccessRules
 

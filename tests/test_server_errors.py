@@ -18,7 +18,7 @@ import pytest
 from test_cloud_fakes import make_config
 from test_server_fakes import CountingEngine, data_url, image_message, png_bytes, start_server
 
-from smoledge.runtime.server_app import ServerSettings
+from smoledge.server_app import ServerSettings
 from smoledge.runtime.server_images import ImageLimits
 
 KEY = "sk-local-test-key"

@@ -22,9 +22,9 @@ from openai import OpenAI
 from test_cloud_fakes import CannedEngine, FakeRouter, _Handler
 
 from smoledge.cloud_fallback import RouterConfig
-from smoledge.runtime.server import bind
-from smoledge.runtime.server_app import ServerSettings, SmolServer, make_server, run_server
-from smoledge.runtime.server_worker import Service
+from smoledge.serve import bind
+from smoledge.server_app import ServerSettings, SmolServer, make_server, run_server
+from smoledge.server_worker import Service
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 from test_cloud_fakes import make_config
 from test_server_fakes import CountingEngine, start_server, wait_until, words
 
-from smoledge.runtime.server_app import ServerSettings
+from smoledge.server_app import ServerSettings
 
 ASK = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000}
 
