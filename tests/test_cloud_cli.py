@@ -12,7 +12,7 @@ from test_cloud_fakes import CLOUD_TEXT, TOKEN, CannedEngine, request_with_image
 
 from smoledge import cli
 from smoledge.cloud_fallback import add_routing_arguments, answer_text, load_profile, router_config_from_args
-from smoledge.cloud_fallback import doctor
+from smoledge import doctor
 from smoledge.cloud_fallback.calibrate import calibrate
 
 
