@@ -167,7 +167,7 @@ def write_zip(bundle: Path, zip_path: Path | None = None) -> Path:
 
     bundle = Path(bundle)
     zip_path = Path(zip_path) if zip_path is not None else bundle.with_name(bundle.name + ".zip")
-    files = sorted(open_bundle(bundle, verify=False).manifest["files"])
+    files = sorted(open_bundle(bundle, verify=False).manifest.files)
     tmp = zip_path.with_name(f".{zip_path.name}.staging-{os.getpid()}")
     try:
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:

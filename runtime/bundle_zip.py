@@ -107,12 +107,9 @@ def _declared_files(zf: zipfile.ZipFile, mentry: zipfile.ZipInfo, path: Path) ->
             manifest = json.loads(fh.read(MAX_MANIFEST_BYTES + 1))
     except (UnicodeDecodeError, ValueError) as err:
         raise BundleError(f"the manifest in bundle zip {path} is unreadable ({err})", hint="re-export it") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(m, dict) and type(m.get("size")) is int and m["size"] >= 0
-                                              for m in files.values()):
-        raise BundleError(f"the manifest in bundle zip {path} has no valid 'files' table (path -> size, sha256)",
-                          hint="re-export the bundle")
-    return {rel: meta["size"] for rel, meta in files.items()}
+    from smoledge.runtime.manifest import Manifest
+
+    return {rel: entry.size for rel, entry in Manifest.from_dict(manifest, f"bundle zip {path}").files.items()}
 
 
 def _check_space(root: Path, needed: int, path: Path) -> None:

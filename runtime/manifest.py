@@ -126,7 +126,7 @@ class TokenizerFile:
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
-    size: int
+    size: int = field(metadata={"minimum": 0})
 
 
 @dataclass(frozen=True)
