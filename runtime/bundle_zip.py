@@ -107,9 +107,9 @@ def _declared_files(zf: zipfile.ZipFile, mentry: zipfile.ZipInfo, path: Path) ->
             manifest = json.loads(fh.read(MAX_MANIFEST_BYTES + 1))
     except (UnicodeDecodeError, ValueError) as err:
         raise BundleError(f"the manifest in bundle zip {path} is unreadable ({err})", hint="re-export it") from None
-    from smoledge.runtime.manifest import Manifest
+    from smoledge.runtime.manifest import file_table
 
-    return {rel: entry.size for rel, entry in Manifest.from_dict(manifest, f"bundle zip {path}").files.items()}
+    return {rel: entry.size for rel, entry in file_table(manifest, f"bundle zip {path}").items()}
 
 
 def _check_space(root: Path, needed: int, path: Path) -> None:

@@ -270,6 +270,18 @@ class Manifest:
         return _dump(self)
 
 
+def file_table(data: Any, where: str) -> dict[str, FileEntry]:
+    """Only the ``files`` section of a parsed manifest, checked against its type (a zip is sized by it before
+    anything is extracted; the whole manifest is checked once the bundle is opened)."""
+    errors: list[str] = []
+    files = data.get("files") if isinstance(data, dict) else None
+    table = _parse(dict[str, FileEntry], files, "files", errors)
+    if errors:
+        raise BundleError(f"the manifest in {where} has no valid 'files' table (path -> size, sha256): "
+                          f"{'; '.join(errors[:5])}", hint="re-export the bundle")
+    return table
+
+
 def check_version(version: Any, where: str) -> None:
     if isinstance(version, bool) or not isinstance(version, int):
         raise BundleError(f"the manifest of {where} has no schema_version", hint="re-export the bundle")

@@ -167,3 +167,13 @@ def test_the_session_check_sees_a_built_bundle_and_a_disagreement(tiny_int4_bund
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text(json.dumps(data))
     assert disagreements(tmp_path) == (2, [])
+
+
+def test_a_zips_file_table_is_checked_through_the_types_before_extraction():
+    from smoledge.runtime.manifest import file_table
+
+    assert file_table({"schema_version": 1, "files": {"a": {"sha256": "0" * 64, "size": 3}}}, "Z")["a"].size == 3
+    with pytest.raises(BundleError, match=r"in Z has no valid 'files' table .*files\.a\.size: must be at least 0"):
+        file_table({"files": {"a": {"sha256": "x", "size": -1}}}, "Z")
+    with pytest.raises(BundleError, match="files: expected an object, got an array"):
+        file_table({"files": []}, "Z")
