@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from smoledge.errors import ConfigError, ImageError
-from smoledge.runtime.media import DEFAULT_LIMITS, DecodedImage, MediaLimits, decode_image, open_image
+from smoledge.runtime.media import DEFAULT_LIMITS, DecodedImage, MediaLimits, decode_error, decode_image, open_image
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -242,7 +242,7 @@ def to_rgb(image: Image.Image, cfg: ImageProcessorConfig) -> Image.Image:
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     except _DECODE_ERRORS as err:
-        raise _decode_error("the image", err) from err
+        raise decode_error("the image", err) from err
 
 
 def _resize(image: Image.Image, height: int, width: int, cfg: ImageProcessorConfig) -> Image.Image:
