@@ -33,7 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), help="which artifacts to run")
     parser.add_argument("--providers", default="CPUExecutionProvider",
-                        help="comma-separated onnxruntime execution providers (CUDA, CoreML, NNAPI, XNNPACK, ...)")
+                        help="comma-separated onnxruntime execution providers: cuda, tensorrt, coreml, nnapi, "
+                        "xnnpack, cpu, or a full name (CUDAExecutionProvider)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
     parser.add_argument("--stats", action="store_true", help="print the route and timing figures to stderr")
     parser.add_argument("--verify", choices=["fast", "full"], default=None,
