@@ -69,11 +69,16 @@ flock 9  # one check at a time per cache: they share the rootfs
 
 # --- cleanup: every mount under $STATE, deepest first; partial builds removed only when unmounted ---
 PARTIAL=
-cleanup() {
-    local rc=$? mnt
+unmount_all() {
+    local mnt
     for mnt in $(awk -v p="$STATE/" 'index($2, p) == 1 {print $2}' /proc/self/mounts | sort -r); do
         umount "$mnt" 2>/dev/null || umount -l "$mnt" || log "could not unmount $mnt"
     done
+}
+unmount_all  # what a killed run (SIGKILL: no trap) left behind
+cleanup() {
+    local rc=$?
+    unmount_all
     if [ -n "$PARTIAL" ] && ! awk -v p="$PARTIAL" 'index($2, p) == 1 {f=1} END {exit !f}' /proc/self/mounts; then
         rm -rf --one-file-system "$PARTIAL"
     fi
