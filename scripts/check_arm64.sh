@@ -184,7 +184,7 @@ install_runtime() {
     log "installing the light runtime in the chroot"
     rm -rf "$ROOT/opt/smoledge"
     inside python3 -m venv /opt/smoledge
-    inside pip install --quiet --no-index --find-links /mnt/wheels -r /mnt/work/requirements.txt
+    inside pip install --quiet --no-compile --no-index --find-links /mnt/wheels -r /mnt/work/requirements.txt
     basename "$WHEELS" > "$ROOT/opt/smoledge/.wheels"
 }
 cp "$OUT/requirements.txt" "$WORK/requirements.txt"
