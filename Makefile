@@ -9,7 +9,7 @@ BUNDLE ?= bundles/smolvlm-realtext-int4
 IMAGE  ?= examples/house.png
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test test-fast bench bench-full clean
+.PHONY: setup demo test test-fast bench bench-full check-arm64 clean
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -37,6 +37,10 @@ bench: setup
 
 bench-full: setup
 	$(BIN)/smoledge bench --size full
+
+# the light runtime on an emulated Raspberry Pi 5 (needs root, qemu-user-static, debootstrap; cached)
+check-arm64: setup
+	nice -n 10 scripts/check_arm64.sh
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache

@@ -161,8 +161,9 @@ def add_backend_arguments(parser) -> None:
     with_providers = ", ".join(name for name, spec in FORMATS.items() if spec.providers)
     parser.add_argument("--backend", default="onnx", choices=sorted(FORMATS), help="which artifacts to run")
     parser.add_argument("--providers", default=None,
-                        help=f"comma-separated onnxruntime execution providers (CUDA, CoreML, NNAPI, XNNPACK, ...) "
-                        f"for {with_providers} (default {','.join(FORMATS['onnx'].providers)})")
+                        help="comma-separated onnxruntime execution providers: cuda, tensorrt, coreml, nnapi, xnnpack, "
+                        f"cpu, or a full name (CUDAExecutionProvider), for {with_providers} "
+                        f"(default {','.join(FORMATS['onnx'].providers)})")
     parser.add_argument("--threads", type=int, default=0,
                         help=f"intra-op threads for {threaded} (0 = runtime default)")
 

@@ -1,13 +1,13 @@
 """ONNX Runtime backend: the bundle's three ONNX graphs.
 
-Execution providers are passed through (CPU by default; CUDA, TensorRT, CoreML, NNAPI, XNNPACK where
-the installed onnxruntime has them).  The KV cache is a list of numpy arrays fed as ``past_key_values.*``
+Execution providers are passed through by short name (cpu, cuda, tensorrt, coreml, nnapi, xnnpack) or
+onnxruntime's full name; CPU by default, the others where the installed onnxruntime has them.  The KV cache is a list of numpy arrays fed as ``past_key_values.*``
 and replaced by ``present.*`` each step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -16,6 +16,15 @@ from smoledge.runtime.bundle import Bundle
 from smoledge.runtime.manifest import Graph
 
 FORMAT = "onnx"
+# --providers may name an execution provider by its short name; anything else passes through unchanged.
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider",
+                  "nnapi": "NnapiExecutionProvider", "xnnpack": "XnnpackExecutionProvider"}
+
+
+def provider_names(names) -> tuple[str, ...]:
+    """onnxruntime's names for ``names`` ("cuda" -> "CUDAExecutionProvider"; full names kept as given)."""
+    return tuple(PROVIDER_NAMES.get(n.strip().lower(), n.strip()) for n in names if n.strip())
 
 
 @dataclass
@@ -38,6 +47,7 @@ class OnnxBackend:
     def __init__(self, bundle: Bundle, options: OnnxOptions = OnnxOptions()):
         import onnxruntime as ort
 
+        options = replace(options, providers=provider_names(options.providers))
         self.options = options
         section = bundle.artifact(FORMAT)
         available = ort.get_available_providers()
