@@ -16,6 +16,9 @@
 ``SMOLEDGE_CLOUD_BUDGET_S`` seconds the cloud path may take per request without ``--deadline`` (default 120)
 ``SMOLEDGE_SPEND_CAP_USD`` per-project cloud spend cap in dollars (default none)
 ``SMOLEDGE_SPEND_CAP_PERIOD`` ``day`` (default) or ``month`` (UTC) for the cap
+``SMOLEDGE_UPLOAD_MAX_PIXELS`` pixels of an uploaded image or video frame (default 1572864, 1536 x 1024)
+``SMOLEDGE_UPLOAD_MAX_BYTES`` bytes of an uploaded image (default 1000000)
+``SMOLEDGE_UPLOAD_VIDEO_MAX_BYTES`` bytes of an uploaded video (default 8000000)
 ``HF_TOKEN``               the token (or the ``hf auth login`` token); never written anywhere
 ``HF_HUB_OFFLINE``         ``1``: no network, so never-cloud (as for every Hugging Face tool)
 =========================  ============================================================================
@@ -70,12 +73,28 @@ class CooldownConfig:
 
 @dataclass(frozen=True)
 class UploadConfig:
-    """How images are prepared for upload: downscaled to ``max_pixels`` and re-encoded as JPEG when larger
-    (in pixels or ``max_bytes``) or in a format the router may not take; smaller JPEG/PNG/WebP go as they are."""
+    """How images and videos are prepared for upload: an image over ``max_pixels`` or ``max_bytes`` (or in a
+    format the router may not take) is downscaled and re-encoded as JPEG; a video with frames over
+    ``max_pixels`` or a file over ``video_max_bytes`` is re-encoded (PyAV) to MP4 with frames within
+    ``max_pixels``, at most ``video_fps`` frames a second and ``video_max_frames`` in all (what the local
+    video path samples).  Smaller ones go as they are."""
 
     max_pixels: int = 1_572_864  # 1536 x 1024: what the substitute VLMs use; more only costs upload and tokens
     max_bytes: int = 1_000_000
     jpeg_quality: int = 85
+    video_max_bytes: int = 8_000_000
+    video_fps: float = 1.0  # SmolVLM2's video sampling (runtime.video.DEFAULT_FPS / DEFAULT_MAX_FRAMES)
+    video_max_frames: int = 64
+    video_crf: int = 28  # H.264 quality of a re-encoded video (lower is better and bigger)
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_bytes", "jpeg_quality", "video_max_bytes", "video_max_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"UploadConfig.{name}={value!r} must be a whole number >= 1",
+                                  hint="e.g. SMOLEDGE_UPLOAD_MAX_PIXELS=1572864")
+        if not self.video_fps > 0:
+            raise ConfigError(f"UploadConfig.video_fps={self.video_fps!r} must be a positive number", hint="e.g. 1")
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,7 @@ def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | N
         models=parse_models(env.get("SMOLEDGE_CLOUD_MODELS", "")),
         bill_to=env.get("SMOLEDGE_BILL_TO") or None,
         budget_s=_env_number(env, "SMOLEDGE_CLOUD_BUDGET_S", CloudConfig.budget_s, minimum=0.001),
+        uploads=upload_config_from_env(env),
     )
     project = getattr(args, "project", None) or env.get("SMOLEDGE_PROJECT") or "default"
     return RouterConfig(profile=load_profile(profile_name, cache_dir=cache_dir), policy=policy, cloud=cloud,
@@ -220,6 +240,16 @@ def ledger_config_from_env(env: Mapping[str, str], cache_dir: Path, project: str
     return LedgerConfig(path=ledger_path(cache_dir), project=project,
                         spend_cap_usd=_env_number(env, "SMOLEDGE_SPEND_CAP_USD", 0.0) if cap else None,
                         spend_cap_period=env.get("SMOLEDGE_SPEND_CAP_PERIOD", "").strip().lower() or "day")
+
+
+def upload_config_from_env(env: Mapping[str, str]) -> UploadConfig:
+    """``SMOLEDGE_UPLOAD_MAX_PIXELS`` / ``_MAX_BYTES`` / ``_VIDEO_MAX_BYTES`` over the defaults."""
+    d = UploadConfig()
+    return UploadConfig(
+        max_pixels=int(_env_number(env, "SMOLEDGE_UPLOAD_MAX_PIXELS", d.max_pixels, minimum=1)),
+        max_bytes=int(_env_number(env, "SMOLEDGE_UPLOAD_MAX_BYTES", d.max_bytes, minimum=1)),
+        video_max_bytes=int(_env_number(env, "SMOLEDGE_UPLOAD_VIDEO_MAX_BYTES", d.video_max_bytes, minimum=1)),
+    )
 
 
 def hub_offline(env: Mapping[str, str] | None = None) -> bool:

@@ -8,7 +8,8 @@ the suffix, so the target is sent as the ``model`` field unchanged.
 
 Images are prepared for upload once per request (``to_openai_messages``), not per attempt: one over
 ``UploadConfig.max_pixels`` or ``max_bytes``, or in a format the sniffer does not know, is downscaled and
-re-encoded as JPEG; a smaller JPEG/PNG/WebP/GIF/BMP is sent as it is.
+re-encoded as JPEG; a smaller JPEG/PNG/WebP/GIF/BMP is sent as it is.  Videos follow the same rule
+(``uploads.video_data_url``): frames over ``max_pixels`` or a file over ``video_max_bytes`` are re-encoded.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from smoledge import __version__
-from smoledge.errors import ImageError, VideoError
+from smoledge.errors import ImageError
 from smoledge.runtime.types import ChatRequest, ImagePart, Message, TextPart, VideoPart
 
 from .config import UploadConfig
+from .uploads import video_data_url
 
 ROUTING_POLICIES = ("fastest", "cheapest", "preferred")
 _IMAGE_MAGIC = (
@@ -118,7 +120,7 @@ def _part(part: TextPart | ImagePart | VideoPart, uploads: UploadConfig) -> dict
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
         return {"type": "image_url", "image_url": {"url": image_data_url(part.image, uploads)}}
-    return {"type": "video_url", "video_url": {"url": video_data_url(part.video)}}
+    return {"type": "video_url", "video_url": {"url": video_data_url(part.video, uploads)}}
 
 
 def image_data_url(image: Any, uploads: UploadConfig | None = None) -> str:
@@ -159,17 +161,6 @@ def jpeg_for_upload(image: Any, uploads: UploadConfig) -> bytes:
             break
         scale *= 0.75
     return buf.getvalue()
-
-
-def video_data_url(video: Any) -> str:
-    if isinstance(video, (str, Path)):
-        path = Path(video)
-        data = _read(path, VideoError, "video")
-        mime = {".webm": "video/webm", ".mov": "video/quicktime"}.get(path.suffix.lower(), "video/mp4")
-        return _data_url(mime, data)
-    if isinstance(video, (bytes, bytearray)):
-        return _data_url("video/mp4", bytes(video))
-    raise VideoError(f"cannot send a {type(video).__name__} video to the cloud", hint="pass a file path or bytes")
 
 
 def sniff_image_mime(data: bytes) -> str | None:

@@ -6,6 +6,7 @@ import base64
 import io
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_cloud_fakes import MANIFEST, MODELS_LISTING, TOKEN
@@ -22,7 +23,7 @@ from smoledge.cloud_fallback.request_builder import (
     split_target,
     to_openai_messages,
 )
-from smoledge.errors import ImageError
+from smoledge.errors import ImageError, VideoError
 from smoledge.runtime.types import ChatRequest, Message, SamplingConfig, TextPart, VideoPart
 
 
@@ -73,10 +74,19 @@ def test_unreadable_images_are_image_errors(tmp_path):
 
 
 def test_videos_are_sent_as_video_url_parts(tmp_path):
-    clip = tmp_path / "clip.webm"
-    clip.write_bytes(b"\x1a\x45\xdf\xa3")
+    av = pytest.importorskip("av")
+    clip = tmp_path / "clip.webm"  # a real one: a video is measured (PyAV) before it is sent
+    with av.open(str(clip), mode="w") as container:
+        stream = container.add_stream("libvpx", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        for _ in range(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((24, 32, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode(None))
     part = to_openai_messages((Message("user", (VideoPart(clip), TextPart("summarise"))),))[0]["content"][0]
     assert part["type"] == "video_url" and part["video_url"]["url"].startswith("data:video/webm;base64,")
+    assert base64.b64decode(part["video_url"]["url"].split(",", 1)[1]) == clip.read_bytes()
+    with pytest.raises(VideoError, match="not a readable video"):  # as an unreadable image: refused, not sent
+        to_openai_messages((Message("user", (VideoPart(b"\x1a\x45\xdf\xa3"),)),))
 
 
 def test_payload_maps_sampling_and_asks_for_usage_in_the_stream():
