@@ -21,6 +21,7 @@ from smoledge.errors import VideoDecoderMissingError, VideoError
 from .config import UploadConfig
 
 MB = 1_000_000
+_MS = Fraction(1, 1000)
 _MIMES = {".webm": "video/webm", ".mov": "video/quicktime"}
 
 
@@ -78,7 +79,7 @@ def _encode(data: bytes, plan: Any, size: tuple[int, int], uploads: UploadConfig
                 if i > plan.indices[-1]:
                     break
                 if i in wanted:
-                    dst.mux(stream.encode(frame.reformat(width=size[0], height=size[1], format="yuv420p")))
+                    dst.mux(stream.encode(_frame_at(frame, i / plan.info.fps, size)))
             dst.mux(stream.encode(None))
     except (av.error.FFmpegError, OSError, ValueError) as err:
         detail = " ".join(str(err).split())[:200] or type(err).__name__
@@ -95,7 +96,15 @@ def _video_stream(av, container, rate: Fraction, size: tuple[int, int], uploads:
         stream = container.add_stream("mpeg4", rate=rate)
         stream.bit_rate = max(100_000, int(uploads.video_max_bytes * 8 * 0.8 / max(seconds, 1.0)))
     stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    stream.codec_context.time_base = _MS
     return stream
+
+
+def _frame_at(frame: Any, seconds: float, size: tuple[int, int]):
+    """``frame`` scaled to ``size``, stamped with its time in the original clip (so the clip keeps its length)."""
+    out = frame.reformat(width=size[0], height=size[1], format="yuv420p")
+    out.pts, out.time_base = round(seconds * 1000), _MS
+    return out
 
 
 def _video_bytes(video: Any) -> tuple[bytes, str]:
