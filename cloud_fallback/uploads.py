@@ -37,7 +37,7 @@ def video_data_url(video: Any, uploads: UploadConfig | None = None) -> str:
         raise VideoDecoderMissingError(
             f"the video is {len(data) / MB:.1f} MB, over the upload limit of {uploads.video_max_bytes / MB:.1f} MB,"
             " and cannot be re-encoded without PyAV", hint="pip install 'smoledge[video]'") from None
-    plan = _plan(data, uploads)
+    plan = _plan(str(video) if isinstance(video, (str, Path)) else data, uploads)  # errors name the path
     if plan.info.width * plan.info.height <= uploads.max_pixels and len(data) <= uploads.video_max_bytes:
         return _data_url(mime, data)
     return _data_url("video/mp4", mp4_for_upload(data, plan, uploads))
@@ -58,12 +58,12 @@ def mp4_for_upload(data: bytes, plan: Any, uploads: UploadConfig) -> bytes:
                      hint="send a shorter clip, or raise SMOLEDGE_UPLOAD_VIDEO_MAX_BYTES")
 
 
-def _plan(data: bytes, uploads: UploadConfig):
+def _plan(source: str | bytes, uploads: UploadConfig):
     from smoledge.runtime.video import VideoConfig, plan_video
 
     cfg = VideoConfig(tile_size=1, longest_edge=1, fps=uploads.video_fps, max_frames=uploads.video_max_frames,
                       skip_secs=0.0)
-    return plan_video(data, cfg)
+    return plan_video(source, cfg)
 
 
 def _encode(data: bytes, plan: Any, size: tuple[int, int], uploads: UploadConfig) -> bytes:

@@ -85,8 +85,10 @@ def test_videos_are_sent_as_video_url_parts(tmp_path):
     part = to_openai_messages((Message("user", (VideoPart(clip), TextPart("summarise"))),))[0]["content"][0]
     assert part["type"] == "video_url" and part["video_url"]["url"].startswith("data:video/webm;base64,")
     assert base64.b64decode(part["video_url"]["url"].split(",", 1)[1]) == clip.read_bytes()
-    with pytest.raises(VideoError, match="not a readable video"):  # as an unreadable image: refused, not sent
-        to_openai_messages((Message("user", (VideoPart(b"\x1a\x45\xdf\xa3"),)),))
+    broken = tmp_path / "broken.webm"
+    broken.write_bytes(b"\x1a\x45\xdf\xa3")
+    with pytest.raises(VideoError, match=f"{broken} is not a readable video"):  # as an unreadable image: not sent
+        to_openai_messages((Message("user", (VideoPart(broken),)),))
 
 
 def test_payload_maps_sampling_and_asks_for_usage_in_the_stream():
