@@ -33,7 +33,9 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
     import onnxruntime
 
     from smoledge.export.onnx_export import EXPORTERS, OnnxExportConfig
+    from smoledge.quantize.calibration import collect_for
 
+    calibration = collect_for(model, recipe, staging.path("tokenizer.json"))
     staging.clear_format(FORMAT)
     config = OnnxExportConfig(opset=options.opset)
     graphs = {}
@@ -42,7 +44,7 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
             if progress:
                 progress.set_postfix_str(f"onnx: {file_name}")
             program, spec = EXPORTERS[file_name](model, config)
-            graphs[name] = _finish_graph(program, spec, file_name, staging, recipe, options, Path(tmp))
+            graphs[name] = _finish_graph(program, spec, file_name, staging, recipe, options, Path(tmp), calibration)
             del program
             gc.collect()
             if progress:
@@ -54,7 +56,7 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
 
 
 def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Recipe,
-                  options: OnnxTargetOptions, tmp: Path) -> Graph:
+                  options: OnnxTargetOptions, tmp: Path, calibration=None) -> Graph:
     import onnx
     import onnx_ir as ir
 
@@ -65,7 +67,7 @@ def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Reci
     raw = tmp / f"{name}.onnx"
     save(program, raw)
     proto = onnx.load(str(raw))
-    proto, report = quantize_model(proto, recipe)
+    proto, report = quantize_model(proto, recipe, calibration)
     quantized = tmp / f"{name}.q.onnx"
     onnx.save(proto, str(quantized), save_as_external_data=True, location=f"{name}.q.onnx.data")
     del proto

@@ -43,12 +43,14 @@ COMPRESSED_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
 def scheme_label(scheme: Scheme | None, method: str) -> str:
     if scheme is None:
         return "float16"
+    scheme = scheme.rtn_layout()  # calibrated grids are ONNX-only: Core ML rounds to nearest
     return f"palettized{scheme.bits}-g{scheme.block_size}-kmeans" if method == "palettize" else scheme.label()
 
 
 def op_config(scheme: Scheme, method: str):
     import coremltools.optimize.coreml as cto
 
+    scheme = scheme.rtn_layout()
     if scheme.algorithm != "rtn":
         raise ConfigError(f"the coreml target cannot use the {scheme.algorithm!r} quantization algorithm",
                           hint="use a recipe with algorithm rtn (the default) for --format coreml")

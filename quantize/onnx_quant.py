@@ -14,6 +14,8 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
+from smoledge.quantize.algorithms.calibrated import apply_calibrated
+from smoledge.quantize.calibration import CalibrationStats
 from smoledge.quantize.recipe import QuantReport, Recipe, Scheme
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 def _algo_config(scheme: Scheme, op_types: tuple[str, ...]):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
+    if scheme.algorithm == "k-quant":
+        return mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=op_types)
     if scheme.algorithm == "hqq":
         return mnq.HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=scheme.bits,
                                             op_types_to_quantize=op_types)
@@ -40,9 +44,13 @@ def _weight_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return found
 
 
-def quantize_model(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, QuantReport]:
+def quantize_model(model: onnx.ModelProto, recipe: Recipe, calibration: CalibrationStats | None = None
+                   ) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize ``model`` (weights loaded) as ``recipe`` says; returns the new model and a report of what
-    the graph really holds afterwards (onnxruntime skips what it cannot do, e.g. an 8-bit Gather)."""
+    the graph really holds afterwards (onnxruntime skips what it cannot do, e.g. an 8-bit Gather).
+
+    Calibrated schemes (gptq, importance) read ``calibration`` (activations of the fp32 model on the
+    recipe's calibration text) and are applied here; the others go through onnxruntime's quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     nodes = _weight_nodes(model)
@@ -54,11 +62,17 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelPr
             groups[scheme].append(name)
     asked: dict[str, Scheme] = {}
     for scheme, names in groups.items():
+        if scheme.calibrated:
+            model = apply_calibrated(model, {n: nodes[n] for n in names}, scheme, calibration)
+            asked.update(dict.fromkeys(names, scheme))
+            continue
         op_types = tuple(sorted({nodes[n].op_type for n in names}))
         # onnxruntime's nodes_to_include widens op_types_to_quantize rather than narrowing it: restrict
         # each pass by excluding every other weight node instead.
         others = [n for n in nodes if n not in set(names)]
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=_algo_config(scheme, op_types))
+        quantizer = MatMulNBitsQuantizer(model, block_size=scheme.block_size, is_symmetric=scheme.symmetric,
+                                         accuracy_level=scheme.accuracy_level, nodes_to_exclude=others,
+                                         algo_config=_algo_config(scheme, op_types))
         quantizer.process()
         model = quantizer.model.model
         asked.update(dict.fromkeys(names, scheme))

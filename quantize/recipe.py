@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from smoledge.errors import ConfigError
+from smoledge.quantize.calibration import CalibrationSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-ALGORITHMS = ("rtn", "hqq")
+ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq", "importance")
+CALIBRATED = ("gptq", "importance")  # read activations from the calibration text
+SCALE_DTYPES = ("float32",)  # MatMulNBits scales take the activation type: fp32 graphs -> fp32 scales
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Scheme:
     accuracy_level: int = 4  # ONNX Runtime MatMulNBits: 4 = int8 activations on CPU
     algorithm: str = "rtn"
     float_dtype: str = "float32"
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         if self.bits not in (None, 4, 8):
@@ -41,6 +45,28 @@ class Scheme:
             raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown quantization algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+        if self.algorithm in ("hqq", "k-quant") and (self.symmetric or self.bits != 4):
+            raise ConfigError(f"{self.algorithm} is 4-bit with zero points only",
+                              hint='set "symmetric": false and "bits": 4, or use rtn / gptq / importance')
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"scale_dtype {self.scale_dtype!r} is not supported by the fp32 ONNX graphs",
+                              hint=f"use one of {', '.join(SCALE_DTYPES)} (fp16 scales need an fp16-activation graph)")
+
+    @property
+    def zero_points(self) -> str:
+        """none (symmetric), float (HQQ) or uint4/uint8 (integer, one per block)."""
+        if self.keeps_float or self.symmetric:
+            return "none"
+        return "float" if self.algorithm == "hqq" else f"uint{self.bits}"
+
+    @property
+    def calibrated(self) -> bool:
+        return not self.keeps_float and self.algorithm in CALIBRATED
+
+    def rtn_layout(self) -> "Scheme":
+        """The same bits, blocks and zero points by round-to-nearest: what a format whose quantizer
+        computes its own scales from the float weights (Core ML, torchao) makes of a calibrated scheme."""
+        return replace(self, algorithm="rtn") if self.calibrated else self
 
     @property
     def keeps_float(self) -> bool:
@@ -68,6 +94,11 @@ class Recipe:
     rules: tuple[Rule, ...]
     description: str = ""
     notes: dict = field(default_factory=dict)
+    calibration: CalibrationSpec | None = None
+
+    def __post_init__(self):
+        if self.calibration is None and any(r.scheme.calibrated for r in self.rules):
+            object.__setattr__(self, "calibration", CalibrationSpec())
 
     def scheme_for(self, weight_name: str) -> Scheme | None:
         for rule in self.rules:
@@ -76,26 +107,36 @@ class Recipe:
         return None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "notes": dict(self.notes),
-                "rules": [{"match": r.match, "scheme": asdict(r.scheme)} for r in self.rules]}
+        data = {"name": self.name, "description": self.description, "notes": dict(self.notes),
+                "rules": [{"match": r.match, "scheme": {**asdict(r.scheme), "zero_points": r.scheme.zero_points}}
+                          for r in self.rules]}
+        if self.calibration is not None:
+            data["calibration"] = self.calibration.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         try:
-            rules = tuple(Rule(r["match"], Scheme(**r.get("scheme", {}))) for r in data["rules"])
+            rules = tuple(Rule(r["match"], Scheme(**_scheme_fields(r.get("scheme", {})))) for r in data["rules"])
             return cls(name=data["name"], rules=rules, description=data.get("description", ""),
-                       notes=data.get("notes", {}))
+                       notes=data.get("notes", {}), calibration=CalibrationSpec.from_dict(data.get("calibration")))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"malformed quantization recipe: {err}",
                               hint="a recipe is {name, rules: [{match, scheme: {bits, block_size, ...}}]}") from None
 
     def with_rules_first(self, rules: tuple[Rule, ...], suffix: str) -> "Recipe":
         """The same recipe with ``rules`` tried before its own (e.g. a --vision-precision override)."""
-        return Recipe(f"{self.name}+{suffix}", tuple(rules) + self.rules, self.description, dict(self.notes))
+        return Recipe(f"{self.name}+{suffix}", tuple(rules) + self.rules, self.description, dict(self.notes),
+                      self.calibration)
 
     @property
     def is_float(self) -> bool:
         return all(rule.scheme.keeps_float for rule in self.rules)
+
+
+def _scheme_fields(data: dict) -> dict:
+    """A scheme dict as written into a manifest: ``zero_points`` is derived, not a field."""
+    return {k: v for k, v in data.items() if k != "zero_points"}
 
 
 FLOAT = Scheme(bits=None)

@@ -65,16 +65,20 @@ def _tiles(image_size: int, count: int = 2) -> tuple[np.ndarray, np.ndarray]:
     return pixels, np.ones((count, image_size, image_size), dtype=bool)
 
 
-def measure(quant_path: str | Path, reference_path: str | Path, max_tokens: int = 512) -> dict:
+def measure(quant_path: str | Path, reference_path: str | Path, max_tokens: int = 512,
+            texts: list[Path] | None = None) -> dict:
     from smoledge.runtime.backends import all_logits as _all_logits
     from smoledge.runtime.pipeline import Pipeline
 
     quant, ref = Pipeline.load(quant_path), Pipeline.load(reference_path)
-    chunks = [line for line in TEXT_FILE.read_text().splitlines() if line.strip()]
+    texts = list(texts or [TEXT_FILE])
+    chunks = [line for path in texts for line in Path(path).read_text().splitlines() if line.strip()]
     report: dict = {"bundle": str(quant_path), "reference": str(reference_path), "graphs": {}}
     qa = quant.bundle.artifact("onnx")
     report["recipe"] = qa.recipe_name
+    report["texts"] = [str(p) for p in texts]
     report["bits_per_weight"] = {name: graph.bits_per_weight for name, graph in qa.graphs.items()}
+    report["text_bits_per_weight"] = _text_bits_per_weight({n: g.quantization or {} for n, g in qa.graphs.items()})
     pixels, mask = _tiles(quant.manifest.model.vision.image_size)
     report["graphs"]["vision_encoder"] = {"cosine": _cosine(ref.backend.encode_images(pixels, mask),
                                                             quant.backend.encode_images(pixels, mask))}
@@ -90,6 +94,13 @@ def measure(quant_path: str | Path, reference_path: str | Path, max_tokens: int 
     report["graphs"]["decoder"] = _pool(dec)
     report["end_to_end"] = _pool(e2e)
     return report
+
+
+def _text_bits_per_weight(graphs: dict) -> float:
+    """Bits per weight over the text path (embedding + decoder with lm_head), scales and zero points counted."""
+    parts = [graphs[g] for g in ("embed_tokens", "decoder") if graphs.get(g)]
+    weights = sum(p["weights"] for p in parts)
+    return round(8.0 * sum(p["weight_bytes"] for p in parts) / weights, 3) if weights else 0.0
 
 
 def _pool(items: list[tuple[DecoderFidelity, int]]) -> dict:
@@ -112,7 +123,8 @@ def format_report(report: dict) -> str:
         f"  decoder               KL {d['kl_mean']:.4f} nats  top-1 {100 * d['top1_agreement']:.1f}%  "
         f"cosine {d['logit_cosine']:.5f}",
         f"  end to end            KL {e['kl_mean']:.4f} nats  top-1 {100 * e['top1_agreement']:.1f}%  "
-        f"cosine {e['logit_cosine']:.5f}",
+        f"cosine {e['logit_cosine']:.5f}  at {report.get('text_bits_per_weight', 0):.2f} bits/weight "
+        "(embedding + decoder + lm_head)",
     ])
 
 
@@ -120,6 +132,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="the quantized bundle")
     parser.add_argument("--reference", required=True, help="an fp32 bundle of the same checkpoint (--quant fp32)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--text", type=Path, action="append", dest="texts", metavar="FILE",
+                        help="score this text instead of the shipped one (repeatable; one sequence per line)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -129,7 +143,10 @@ def main(args: argparse.Namespace) -> int:
     q, r = open_bundle(args.bundle, verify=False), open_bundle(args.reference, verify=False)
     if q.manifest.source.files != r.manifest.source.files:
         raise ConfigError("the two bundles come from different checkpoints", hint="export both from one model")
-    report = measure(args.bundle, args.reference)
+    for path in args.texts or []:
+        if not path.is_file():
+            raise ConfigError(f"cannot read --text {path}", hint="give a UTF-8 text file (one sequence per line)")
+    report = measure(args.bundle, args.reference, texts=args.texts)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

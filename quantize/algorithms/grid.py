@@ -1,0 +1,116 @@
+"""Block grids for ``MatMulNBits``: choose scales (and integer zero points), quantize, pack.
+
+Layout follows the ONNX weight ``W[K, N]`` (``x @ W``): blocks of ``block_size`` run along K for each
+output column n, exactly as ``MatMulNBits`` stores them (``B[N, k_blocks, block_size * bits / 8]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+# Candidate divisors of a block's range: the plain max/min grid is one of them, the rest clip the
+# largest weights a little (the search keeps whichever gives the smallest weighted error).
+_SHRINK = tuple(float(s) for s in np.linspace(0.70, 1.0, 10))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Per (n, block): ``w ~ scale * (q - zero)``, q in [0, 2**bits - 1]."""
+
+    scale: np.ndarray  # [N, k_blocks] float32
+    zero: np.ndarray  # [N, k_blocks] uint8 (2**(bits-1) everywhere when symmetric)
+    bits: int
+    block_size: int
+    symmetric: bool
+
+    def quantize(self, blocks: np.ndarray) -> np.ndarray:
+        """blocks [N, k_blocks, block] -> q uint8 of the same shape."""
+        qmax = 2 ** self.bits - 1
+        q = np.rint(blocks / self.scale[..., None]) + self.zero[..., None].astype(np.float32)
+        return np.clip(q, 0, qmax).astype(np.uint8)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return (q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
+
+
+def to_blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """W [K, N] -> [N, k_blocks, block] (zero-padded along K)."""
+    k, n = weight.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((k_blocks * block_size, n), np.float32)
+    padded[:k] = weight
+    return padded.T.reshape(n, k_blocks, block_size)
+
+
+def search_grid(blocks: np.ndarray, importance: np.ndarray | None, bits: int, symmetric: bool) -> Grid:
+    """The per-block grid minimising sum(importance * (w - dequant(quant(w)))**2) over a few clip ratios.
+
+    ``importance`` [k_blocks, block] weights each input channel (None: all equal, i.e. plain MSE).
+    Symmetric grids have no zero point (MatMulNBits' default 2**(bits-1)); asymmetric ones an integer one.
+    """
+    n, k_blocks, block = blocks.shape
+    imp = np.ones((k_blocks, block), np.float32) if importance is None else importance.astype(np.float32)
+    imp = imp[None]
+    best_err = np.full((n, k_blocks), np.inf, np.float32)
+    best_scale = np.ones((n, k_blocks), np.float32)
+    best_zero = np.full((n, k_blocks), 2 ** (bits - 1), np.uint8)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    for shrink in _SHRINK:
+        scale, zero = _candidate(lo * np.float32(shrink), hi * np.float32(shrink), bits, symmetric)
+        q = Grid(scale, zero, bits, block, symmetric).quantize(blocks)
+        # for these integers the weighted least-squares scale is never worse than the candidate's own
+        centred = q.astype(np.float32) - zero[..., None].astype(np.float32)
+        weighted = imp * centred
+        num, den = (weighted * blocks).sum(-1), (weighted * centred).sum(-1)
+        s = np.where(den > 0, num / np.maximum(den, np.float32(1e-30)), scale).astype(np.float32)
+        s = np.where(s > 0, s, scale)
+        err = (imp * (blocks - centred * s[..., None]) ** 2).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, s, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    return Grid(best_scale.astype(np.float32), best_zero.astype(np.uint8), bits, block, symmetric)
+
+
+def _candidate(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    qmax = 2 ** bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        # the signed extreme maps to -half (the grid's longer side), as llama.cpp's Q4_0 does
+        extreme = np.where(-lo >= hi, lo, hi)
+        scale = np.where(extreme < 0, -extreme / half, extreme / (half - 1))
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, np.full(lo.shape, half, np.uint8)
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+    scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.uint8)
+    return scale, zero
+
+
+def matmul_nbits_node(node: onnx.NodeProto, k: int, q: np.ndarray, grid: Grid, accuracy_level: int
+                      ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A ``com.microsoft.MatMulNBits`` node (+ its initializers) replacing MatMul ``node``."""
+    n, k_blocks, block = q.shape
+    weight = node.input[1]
+    if grid.bits == 4:
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    else:
+        packed = q.astype(np.uint8)
+    inits = [onnx.numpy_helper.from_array(packed, f"{weight}_Q{grid.bits}"),
+             onnx.numpy_helper.from_array(grid.scale.astype(np.float32).reshape(-1), f"{weight}_scales")]
+    inputs = [node.input[0], inits[0].name, inits[1].name]
+    if not grid.symmetric:
+        zero = grid.zero
+        if grid.bits == 4:  # two per byte, each row padded to whole bytes
+            if k_blocks % 2:
+                zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
+            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+        inits.append(onnx.numpy_helper.from_array(zero.astype(np.uint8).reshape(-1), f"{weight}_zero_points"))
+        inputs.append(inits[-1].name)
+    new = onnx.helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{grid.bits}",
+                                domain="com.microsoft", K=k, N=n, bits=grid.bits, block_size=block,
+                                accuracy_level=accuracy_level)
+    return new, inits

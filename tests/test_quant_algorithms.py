@@ -1,0 +1,100 @@
+"""The calibrated quantizers' pieces: block grids, MatMulNBits packing (run by onnxruntime), GPTQ, recipe data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from smoledge.errors import ConfigError
+from smoledge.quantize.algorithms.gptq import gptq
+from smoledge.quantize.algorithms.grid import matmul_nbits_node, search_grid, to_blocks
+from smoledge.quantize.calibration import BUILTIN_TEXT, CalibrationSpec
+from smoledge.quantize.recipe import Recipe, load_recipe
+
+
+def _correlated(rng, tokens: int, k: int) -> np.ndarray:
+    """Activations with a few loud channels and correlated ones, like a transformer's."""
+    mix = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
+    x = rng.normal(size=(tokens, k)) @ mix
+    x[:, rng.choice(k, 4, replace=False)] *= 8
+    return x.astype(np.float32)
+
+
+def _run_matmul_nbits(weight: np.ndarray, x: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    import onnxruntime as ort
+
+    k, n = weight.shape
+    blocks = to_blocks(weight, block)
+    grid = search_grid(blocks, None, bits, symmetric)
+    q = grid.quantize(blocks)
+    matmul = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="lin")
+    node, inits = matmul_nbits_node(matmul, k, q, grid, accuracy_level=0)
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                     [None, k])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, n])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    dequant = grid.dequantize(q).reshape(n, -1)[:, :k].T  # what the grid says W is
+    return got, x @ dequant
+
+
+@pytest.mark.parametrize("bits,block,symmetric", [(4, 32, True), (4, 64, False), (4, 128, False), (8, 64, True),
+                                                  (8, 128, False)])
+def test_packed_blocks_run_in_onnxruntime_as_the_grid_says(bits, block, symmetric):
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(576, 48)).astype(np.float32)  # 576 = 4.5 blocks of 128, 9 of 64: odd counts
+    got, expected = _run_matmul_nbits(weight, rng.normal(size=(3, 576)).astype(np.float32), bits, block, symmetric)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_grid_search_beats_min_max_rounding_on_the_weighted_error():
+    rng = np.random.default_rng(1)
+    blocks = to_blocks(rng.standard_t(4, size=(256, 32)).astype(np.float32), 32)
+    importance = rng.gamma(0.5, size=(blocks.shape[1], 32)).astype(np.float32)
+    for symmetric in (True, False):
+        searched = search_grid(blocks, importance, 4, symmetric)
+        err = (importance * (blocks - searched.dequantize(searched.quantize(blocks))) ** 2).sum()
+        from smoledge.quantize.algorithms.grid import Grid, _candidate
+
+        scale, zero = _candidate(blocks.min(-1), blocks.max(-1), 4, symmetric)
+        plain = Grid(scale, zero, 4, 32, symmetric)
+        plain_err = (importance * (blocks - plain.dequantize(plain.quantize(blocks))) ** 2).sum()
+        assert err < 0.9 * plain_err
+
+
+def test_gptq_lowers_the_output_error_on_the_same_grid():
+    rng = np.random.default_rng(2)
+    k, n = 256, 64
+    weight = rng.normal(size=(k, n)).astype(np.float32)
+    x = _correlated(rng, 2048, k)
+    gram = x.T.astype(np.float64) @ x / len(x)
+    blocks = to_blocks(weight, 64)
+    grid = search_grid(blocks, np.diag(gram).reshape(-1, 64), 4, True)
+    rounded = grid.dequantize(grid.quantize(blocks)).reshape(n, k).T
+    compensated = grid.dequantize(gptq(weight, gram, grid)).reshape(n, k).T
+    err = lambda w: float(np.mean((x @ weight - x @ w) ** 2))  # noqa: E731
+    assert err(compensated) < 0.7 * err(rounded)
+
+
+def test_recipe_carries_algorithm_zero_points_and_calibration_hash():
+    recipe = Recipe.from_dict({"name": "t", "rules": [
+        {"match": "lm_head", "scheme": {"bits": 8, "block_size": 128, "symmetric": True, "algorithm": "importance"}},
+        {"match": "*", "scheme": {"bits": 4, "block_size": 64, "symmetric": False, "algorithm": "gptq"}}]})
+    data = recipe.to_dict()
+    assert data["calibration"]["sha256"] == CalibrationSpec().sha256() and data["calibration"]["text"] == "builtin"
+    assert [r["scheme"]["zero_points"] for r in data["rules"]] == ["none", "uint4"]
+    assert Recipe.from_dict(data).to_dict() == data  # a manifest's recipe loads back
+    assert load_recipe("int4-sym-rtn").calibration is None  # RTN needs no calibration text
+    assert BUILTIN_TEXT.stat().st_size > 2000
+
+
+@pytest.mark.parametrize("scheme,message", [
+    ({"algorithm": "hqq", "symmetric": True}, "hqq is 4-bit with zero points"),
+    ({"algorithm": "awq"}, "unknown quantization algorithm"),
+    ({"scale_dtype": "float16"}, "scale_dtype"),
+])
+def test_bad_schemes_are_config_errors(scheme, message):
+    with pytest.raises(ConfigError, match=message):
+        Recipe.from_dict({"name": "bad", "rules": [{"match": "*", "scheme": scheme}]})

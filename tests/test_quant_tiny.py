@@ -1,0 +1,58 @@
+"""All five quantization algorithms in one bundle through `smoledge export` on the tiny model: each one
+really quantizes its layers, and the bundle's logits stay within a stated tolerance of fp32.
+
+Tolerance (stated): decoder logit cosine >= TOLERANCE_COSINE against the fp32 bundle, teacher-forced on
+the shipped fidelity text.  The tiny model is random (hidden size 64), so 4-bit weights cost it far more
+than they cost a trained model; the bound catches a broken packing or grid, not language quality
+(tests/test_quant_realtext.py and docs/quantization.md measure that on real weights).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smoledge.quantize.fidelity import measure
+from smoledge.quantize.recipe import Recipe
+
+TOLERANCE_COSINE = 0.9
+# algorithm -> the tiny decoder's linears it quantizes (every algorithm gets attention and MLP layers)
+LAYOUT = {
+    "gptq": ("*.self_attn.q_proj", "*.mlp.gate_proj", "lm_head"),
+    "importance": ("*.self_attn.k_proj", "*.mlp.up_proj"),
+    "hqq": ("*.self_attn.v_proj",),
+    "k-quant": ("*.self_attn.o_proj",),
+    "rtn": ("*.mlp.down_proj",),
+}
+
+
+def _recipe() -> Recipe:
+    rules = [{"match": "*position_embedding", "scheme": {"bits": None}},
+             {"match": "model.text_model.embed_tokens", "scheme": {"bits": None}},
+             {"match": "model.vision_model.*", "scheme": {"bits": 8, "block_size": 32, "symmetric": True}},
+             {"match": "model.connector.*", "scheme": {"bits": 8, "block_size": 32, "symmetric": True}}]
+    for algorithm, patterns in LAYOUT.items():
+        symmetric = algorithm in ("gptq", "rtn")
+        rules += [{"match": p, "scheme": {"bits": 4, "block_size": 32, "symmetric": symmetric,
+                                          "algorithm": algorithm}} for p in patterns]
+    return Recipe.from_dict({"name": "tiny-every-algorithm", "rules": rules})
+
+
+@pytest.mark.slow
+def test_every_algorithm_in_one_bundle_stays_close_to_fp32(tiny_model_dir, tiny_fp32_bundle, tmp_path):
+    from smoledge.export.pipeline import ExportJob, export_bundle
+
+    bundle = export_bundle(ExportJob(model=str(tiny_model_dir), out=tmp_path / "every", recipe=_recipe()),
+                           show_progress=False)
+    onnx = json.loads((bundle / "manifest.json").read_text())["artifacts"]["onnx"]
+    schemes = onnx["graphs"]["decoder_model_merged"]["quantization"]["schemes"]
+    assert schemes.get("float", 0) == 0, schemes  # every decoder linear really got quantized
+    for algorithm, patterns in LAYOUT.items():
+        layers = 2 * len(patterns) - ("lm_head" in patterns)  # two decoder layers, one lm_head
+        assert sum(n for label, n in schemes.items() if label.endswith(f"-{algorithm}")) == layers, schemes
+    assert len(onnx["recipe"]["calibration"]["sha256"]) == 64
+    report = measure(bundle, tiny_fp32_bundle)
+    decoder = report["graphs"]["decoder_model_merged"]
+    print(json.dumps(decoder))
+    assert decoder["logit_cosine"] >= TOLERANCE_COSINE, decoder
