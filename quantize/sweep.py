@@ -43,24 +43,23 @@ def candidate(name: str, body: dict, *first: dict, embed: dict | None = None, he
 def candidates() -> dict[str, Recipe]:
     """In the order the sweep runs them (most informative first)."""
     e128, head8 = rule(EMBED, 4, 128, False), rule("lm_head", 8, 128, True)
-    out = {}
+    out = {"int4 (default): gptq sym b32, embed sym b32": load_recipe("int4")}
+    g64 = rule("*", 4, 64, True, "gptq")
+    out["gptq sym b64, v/down gptq b32, embed sym b64"] = candidate(
+        "gptq-b64-vd32", g64, rule("*.self_attn.v_proj", 4, 32, True, "gptq"),
+        rule("*.mlp.down_proj", 4, 32, True, "gptq"), embed=rule(EMBED, 4, 64, True))
+    out["int4-rtn-mixed8 (old default)"] = load_recipe("int4-rtn-mixed8")
     for algo in ("gptq", "rtn", "importance"):
         out[f"{algo} sym b128, lm_head int8 b128, embed b128"] = candidate(
             f"{algo}-b128-head8", rule("*", 4, 128, True, algo), head=head8, embed=e128)
-    out["gptq sym b32"] = candidate("gptq-sym-b32", rule("*", 4, 32, True, "gptq"))
-    out["int4 (old default)"] = load_recipe("int4")
-    out["gptq sym b64, lm_head int8 b128, embed b128"] = candidate(
-        "gptq-b64-head8", rule("*", 4, 64, True, "gptq"), head=head8, embed=e128)
-    out["gptq uint4zp b128, lm_head int8 b128, embed b128"] = candidate(
-        "gptq-zp-b128-head8", rule("*", 4, 128, False, "gptq"), head=head8, embed=e128)
+    out["importance sym b32, embed sym b32"] = candidate("importance-sym-b32", rule("*", 4, 32, True, "importance"),
+                                                         embed=rule(EMBED, 4, 32, True))
+    out["gptq sym b64, embed sym b64"] = candidate("gptq-sym-b64", g64, embed=rule(EMBED, 4, 64, True))
     out["hqq float-zp b32"] = candidate("hqq-b32", rule("*", 4, 32, False, "hqq"))
     out["k-quant uint4zp b32"] = candidate("kq-b32", rule("*", 4, 32, False, "k-quant"))
-    for algo in ("importance", "rtn"):
-        out[f"{algo} sym b32"] = candidate(f"{algo}-sym-b32", rule("*", 4, 32, True, algo))
     out["int4-sym-rtn"] = load_recipe("int4-sym-rtn")
-    for algo in ("rtn", "importance", "gptq"):
-        for block in (64, 128):
-            out[f"{algo} uint4zp b{block}"] = candidate(f"{algo}-zp-b{block}", rule("*", 4, block, False, algo))
+    for algo in ("rtn", "gptq"):
+        out[f"{algo} uint4zp b64"] = candidate(f"{algo}-zp-b64", rule("*", 4, 64, False, algo))
     return out
 
 
