@@ -35,7 +35,8 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
     from smoledge.export.onnx_export import EXPORTERS, OnnxExportConfig
     from smoledge.quantize.calibration import collect_for
 
-    calibration = collect_for(model, recipe, staging.path("tokenizer.json"))
+    # the tokenizer the pipeline wrote (staging.path() would unlink it: it is for writing)
+    calibration = collect_for(model, recipe, staging.staging / "tokenizer.json")
     staging.clear_format(FORMAT)
     config = OnnxExportConfig(opset=options.opset)
     graphs = {}
