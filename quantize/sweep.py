@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smoledge.quantize.fidelity import TEXT_FILE, compare_logits
+from smoledge.fidelity import TEXT_FILE, compare_logits
 from smoledge.quantize.recipe import Recipe, load_recipe
 
 REPO_DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from smoledge.quantize.calibration import BUILTIN_TEXT, CalibrationSpec, token_ids
-from smoledge.quantize.fidelity import TEXT_FILE
+from smoledge.fidelity import TEXT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # Every text anything scores: the shipped fidelity text and the sweep's held-out text.

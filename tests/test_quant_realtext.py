@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from smoledge.quantize.calibration import CalibrationSpec, collect
-from smoledge.quantize.fidelity import TEXT_FILE
+from smoledge.fidelity import TEXT_FILE
 from smoledge.quantize.onnx_quant import quantize_model
 from smoledge.quantize.recipe import Recipe
 

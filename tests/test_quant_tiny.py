@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from smoledge.quantize.fidelity import measure
+from smoledge.fidelity import measure
 from smoledge.quantize.recipe import Recipe
 
 TOLERANCE_COSINE = 0.8
@@ -47,12 +47,12 @@ def test_every_algorithm_in_one_bundle_stays_close_to_fp32(tiny_model_dir, tiny_
     bundle = export_bundle(ExportJob(model=str(tiny_model_dir), out=tmp_path / "every", recipe=_recipe()),
                            show_progress=False)
     onnx = json.loads((bundle / "manifest.json").read_text())["artifacts"]["onnx"]
-    schemes = onnx["graphs"]["decoder_model_merged"]["quantization"]["schemes"]
+    schemes = onnx["graphs"]["decoder"]["quantization"]["schemes"]
     assert schemes.get("float", 0) == 0, schemes  # every decoder linear really got quantized
     for algorithm, patterns in LAYOUT.items():
         layers = 2 * len(patterns) - ("lm_head" in patterns)  # two decoder layers, one lm_head
         assert sum(n for label, n in schemes.items() if label.endswith(f"-{algorithm}")) == layers, schemes
     assert len(onnx["recipe"]["calibration"]["sha256"]) == 64
     report = measure(bundle, tiny_fp32_bundle)
-    decoder = report["graphs"]["decoder_model_merged"]
+    decoder = report["graphs"]["decoder"]
     assert decoder["logit_cosine"] >= TOLERANCE_COSINE, decoder
