@@ -43,12 +43,12 @@ def candidate(name: str, body: dict, *first: dict, embed: dict | None = None, he
 def candidates() -> dict[str, Recipe]:
     """In the order the sweep runs them (most informative first)."""
     e128, head8 = rule(EMBED, 4, 128, False), rule("lm_head", 8, 128, True)
-    out = {"int4 (default): gptq sym b32, embed sym b32": load_recipe("int4")}
+    out = {"int4-gptq: gptq sym b32, embed sym b32": load_recipe("int4-gptq")}
     g64 = rule("*", 4, 64, True, "gptq")
     out["gptq sym b64, v/down gptq b32, embed sym b64"] = candidate(
         "gptq-b64-vd32", g64, rule("*.self_attn.v_proj", 4, 32, True, "gptq"),
         rule("*.mlp.down_proj", 4, 32, True, "gptq"), embed=rule(EMBED, 4, 64, True))
-    out["int4-rtn-mixed8 (old default)"] = load_recipe("int4-rtn-mixed8")
+    out["int4 (default): rtn, lm_head / v / down 8-bit"] = load_recipe("int4")
     for algo in ("gptq", "rtn", "importance"):
         out[f"{algo} sym b128, lm_head int8 b128, embed b128"] = candidate(
             f"{algo}-b128-head8", rule("*", 4, 128, True, algo), head=head8, embed=e128)
