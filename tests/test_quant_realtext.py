@@ -2,7 +2,7 @@
 bits per weight: every linear of three decoder layers, quantized through ``quantize_model``
 (calibrated on the shipped calibration text), run by onnxruntime on the activations of the *scored*
 fidelity text, which the calibration never saw.  The end-to-end KL of each recipe is in
-docs/quantization.md (``python -m smoledge.quantize.sweep``)."""
+docs/quantization.md (``python -m smoledge.benchmarks.quant_sweep``)."""
 
 from __future__ import annotations
 

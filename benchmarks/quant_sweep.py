@@ -1,4 +1,5 @@
-"""The recipe sweep behind docs/quantization.md: ``python -m smoledge.quantize.sweep [--only NAME ...]``.
+"""The recipe sweep behind docs/quantization.md:
+``python -m smoledge.benchmarks.quant_sweep [--only NAME ...]``.
 
 For each candidate recipe, the real-text model's embedding and decoder graphs are quantized exactly as
 ``smoledge export`` does (trace once, quantize, fuse for ONNX Runtime) and scored teacher-forced against
