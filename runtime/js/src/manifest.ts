@@ -1,0 +1,134 @@
+/**
+ * Every read of a bundle's manifest.json goes through this module: it checks the schema version (newer is
+ * refused with the Python runtime's message), validates the whole manifest against the JSON Schema shipped in
+ * `schema/manifest.schema.json` (ajv), and gives the rest of the package a typed view of the parts it uses.
+ * When the manifest's schema changes, this file and the schema file are what change.
+ */
+
+import Ajv2020 from "ajv/dist/2020.js";
+
+import { BundleError } from "./errors.js";
+import schema from "../schema/manifest.schema.json" with { type: "json" };
+
+export const SCHEMA_VERSION = 1;
+const REQUIRED = ["schema_version", "source", "model", "context_length", "image", "tokens", "chat_template",
+  "generation", "memory", "tokenizer", "artifacts", "files"] as const;
+
+export interface ImageConfig {
+  readonly tile_size: number;
+  readonly longest_edge: number;
+  readonly image_seq_len: number;
+  readonly do_resize: boolean;
+  readonly do_image_splitting: boolean;
+  readonly resample: number;
+  readonly do_rescale: boolean;
+  readonly rescale_factor: number;
+  readonly do_normalize: boolean;
+  readonly image_mean: readonly number[];
+  readonly image_std: readonly number[];
+  readonly do_convert_rgb: boolean;
+}
+
+export interface Tokens {
+  readonly image: string;
+  readonly fake_image: string;
+  readonly global_image: string;
+  readonly image_token_id: number;
+  readonly bos_token?: string | null;
+  readonly eos_token?: string | null;
+}
+
+/** One ONNX graph: its file, sidecar data files and symbolic I/O shapes. */
+export interface GraphSpec {
+  readonly file: string;
+  readonly dataFiles: readonly string[];
+  readonly inputs: Readonly<Record<string, readonly (number | string)[]>>;
+  readonly outputs: Readonly<Record<string, readonly (number | string)[]>>;
+}
+
+/** The ONNX artifact by role; the manifest's graph keys are only known here. */
+export interface OnnxGraphs {
+  readonly visionEncoder: GraphSpec;
+  readonly embedTokens: GraphSpec;
+  readonly decoder: GraphSpec;
+}
+
+export interface Manifest {
+  readonly raw: Readonly<Record<string, unknown>>;
+  readonly modelId: string;
+  readonly contextLength: number;
+  readonly image: ImageConfig;
+  readonly tokens: Tokens;
+  readonly chatTemplate: string;
+  readonly maxNewTokens: number;
+  readonly eosTokenIds: readonly number[];
+  readonly tokenizerFile: string;
+  readonly files: Readonly<Record<string, { readonly sha256: string; readonly size: number }>>;
+  readonly formats: readonly string[];
+  /** The ONNX graphs, or a BundleError naming the formats the bundle has. */
+  onnx(): OnnxGraphs;
+  /** Oldest onnxruntime the ONNX graphs run on ("1.20"), when the exporter recorded it. */
+  readonly onnxruntimeMin: string | undefined;
+}
+
+const ajv = new Ajv2020.default({ allErrors: true, strict: false });
+const validate = ajv.compile(schema);
+
+type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/** Check and wrap a parsed manifest.json; `where` is the bundle's path or URL, as in the Python messages. */
+export function parseManifest(data: unknown, where: string): Manifest {
+  if (typeof data !== "object" || data === null || Array.isArray(data)) {
+    throw new BundleError(`the manifest of ${where} is not a JSON object`, { hint: "re-export the bundle" });
+  }
+  const m = data as Json;
+  const version = m["schema_version"];
+  if (!Number.isInteger(version)) {
+    throw new BundleError(`the manifest of ${where} has no schema_version`, { hint: "re-export the bundle" });
+  }
+  if (version > SCHEMA_VERSION) {
+    throw new BundleError(`bundle ${where} uses manifest schema ${version}, newer than this smoledge reads (${SCHEMA_VERSION})`,
+      { hint: "upgrade smoledge: pip install -U smoledge" });
+  }
+  const missing = REQUIRED.filter((key) => !(key in m));
+  if (missing.length) {
+    throw new BundleError(`the manifest of ${where} lacks ${missing.join(", ")}`, { hint: "re-export the bundle" });
+  }
+  if (!validate(m)) {
+    const problems = (validate.errors ?? []).map((e) => `${e.instancePath || "/"} ${e.message ?? "is invalid"}`);
+    throw new BundleError(`the manifest of ${where} does not match the schema: ${problems.join("; ")}`,
+      { hint: "re-export the bundle" });
+  }
+  return wrap(m, where);
+}
+
+function graph(g: Json): GraphSpec {
+  return { file: g["file"], dataFiles: g["data_files"] ?? [], inputs: g["inputs"], outputs: g["outputs"] };
+}
+
+function wrap(m: Json, where: string): Manifest {
+  const formats = Object.keys(m["artifacts"]).sort();
+  const onnx = m["artifacts"]["onnx"] as Json | undefined;
+  return {
+    raw: m,
+    modelId: m["source"]["model_id"],
+    contextLength: m["context_length"],
+    image: m["image"],
+    tokens: m["tokens"],
+    chatTemplate: m["chat_template"],
+    maxNewTokens: m["generation"]["max_new_tokens"],
+    eosTokenIds: m["generation"]["eos_token_ids"],
+    tokenizerFile: m["tokenizer"]["file"],
+    files: m["files"],
+    formats,
+    onnxruntimeMin: onnx?.["runtime"]?.["onnxruntime_min"],
+    onnx(): OnnxGraphs {
+      if (!onnx) {
+        throw new BundleError(`bundle ${where} has no onnx artifacts (it has: ${formats.join(", ")})`,
+          { hint: `export them with: smoledge export MODEL --format onnx --out ${where}` });
+      }
+      const g = onnx["graphs"];
+      return { visionEncoder: graph(g["vision_encoder"]), embedTokens: graph(g["embed_tokens"]), decoder: graph(g["decoder_model_merged"]) };
+    },
+  };
+}
