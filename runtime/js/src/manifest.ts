@@ -3,6 +3,12 @@
  * refused with the Python runtime's message), validates the whole manifest against the JSON Schema shipped in
  * `schema/manifest.schema.json` (ajv), and gives the rest of the package a typed view of the parts it uses.
  * When the manifest's schema changes, this file and the schema file are what change.
+ *
+ * Schema 2 (issue 12's contract, `runtime/manifest.schema.json`), for whoever swaps it in: SCHEMA_VERSION 2 and
+ * the "< 2: re-export" message; the decoder's graph key `decoder_model_merged` -> `decoder`; a graph's
+ * `data_files` -> `files` (which also lists `file` itself); graph `inputs` / `outputs` values `[dims]` ->
+ * `{shape, dtype}` (map them to `shape` in `graph()` below); `artifacts.onnx.context_capacity` (null for ONNX).
+ * Nothing outside this module reads the manifest's JSON.
  */
 
 import Ajv2020 from "ajv/dist/2020.js";
@@ -57,6 +63,8 @@ export interface Manifest {
   readonly raw: Readonly<Record<string, unknown>>;
   readonly modelId: string;
   readonly contextLength: number;
+  /** The text model's hidden size (the width of every embedding row). */
+  readonly hiddenSize: number;
   readonly image: ImageConfig;
   readonly tokens: Tokens;
   readonly chatTemplate: string;
@@ -113,6 +121,7 @@ function wrap(m: Json, where: string): Manifest {
     raw: m,
     modelId: m["source"]["model_id"],
     contextLength: m["context_length"],
+    hiddenSize: Number(m["model"]?.["text"]?.["hidden_size"] ?? onnx?.["graphs"]?.["decoder_model_merged"]?.["inputs"]?.["inputs_embeds"]?.[2]),
     image: m["image"],
     tokens: m["tokens"],
     chatTemplate: m["chat_template"],

@@ -9,7 +9,7 @@ import { readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
-import * as ort from "onnxruntime-node";
+import type * as OrtNode from "onnxruntime-node";
 
 import { OnnxBackend, sessionOptions, type OnnxOptions } from "./backend.js";
 import { BackendUnavailableError, BundleError, ImageError } from "./errors.js";
@@ -98,13 +98,14 @@ export async function loadTokenizer(bundle: NodeBundle): Promise<Tokenizer> {
 
 export interface NodeLoadOptions extends OnnxOptions {
   readonly verify?: boolean;
-  /** An onnxruntime-node module to use instead of the package's own (e.g. an older one). */
-  readonly ort?: typeof ort;
+  /** An onnxruntime-node module to use instead of the package's own (e.g. an older one). The package's own is
+   * imported only when this is absent: two onnxruntime native libraries cannot share one process. */
+  readonly ort?: typeof OrtNode;
 }
 
 /** `Pipeline.load` for Node: open + verify the bundle, create the three onnxruntime-node sessions. */
 export async function loadPipeline(where: string, options: NodeLoadOptions = {}): Promise<Pipeline> {
-  const runtime = options.ort ?? ort;
+  const runtime = options.ort ?? (await import("onnxruntime-node"));
   const bundle = await openBundle(where, { verify: options.verify ?? true });
   const providers = options.executionProviders ?? ["cpu"];
   const available = new Set(runtime.listSupportedBackends?.().map((b) => b.name) ?? ["cpu"]);
@@ -123,14 +124,8 @@ export async function loadPipeline(where: string, options: NodeLoadOptions = {})
       throw new BundleError(`onnxruntime cannot load ${graph.file}: ${String((err as Error).message).split("\n")[0]!.slice(0, 200)}`,
         { hint: "the file is corrupt or from a newer exporter; re-export the bundle" });
     }
-  }, hiddenSize(bundle.manifest), options);
+  }, bundle.manifest.hiddenSize, options);
   return new Pipeline(bundle.manifest, await loadTokenizer(bundle), backend);
-}
-
-function hiddenSize(m: Manifest): number {
-  const text = (m.raw["model"] as { text?: { hidden_size?: number } }).text;
-  const fromShape = m.onnx().decoder.inputs["inputs_embeds"]?.[2];
-  return typeof fromShape === "number" ? fromShape : Number(text?.hidden_size);
 }
 
 /** Read and decode an image file as the Python runtime's `load_image` does (EXIF rotation, then RGB). */

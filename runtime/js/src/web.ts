@@ -76,7 +76,7 @@ export async function loadPipelineFromUrl(baseUrl: string, options: WebLoadOptio
     const model = await get(graph.file);
     const externalData = await Promise.all(graph.dataFiles.map(async (rel) => ({ path: rel.split("/").pop()!, data: await get(rel) })));
     return ort.InferenceSession.create(model, { ...opts, externalData });
-  }, Number(graphs.decoder.inputs["inputs_embeds"]?.[2]), options);
+  }, manifest.hiddenSize, options);
   return new Pipeline(manifest, tokenizer, backend);
 }
 

@@ -32,6 +32,7 @@ test("the oldest supported onnxruntime-node runs the tiny and the real-text bund
   const b = readJson<Bundles>("bundles.json");
   const gen = readJson<{ images: string[]; prompt: string; generated_ids: number[] }[]>("generation.json")[1]!;
   const tiny = await loadPipeline(b.tiny_fp32, { ort: oldest });
+  tiny.eosTokenIds = []; // the vectors decode 32 tokens, EOS ignored
   const images = await Promise.all(gen.images.map((f) => loadImage(vectorPath(f))));
   const ids: number[] = [];
   const content = [...images.map((image) => ({ type: "image" as const, image })), { type: "text" as const, text: gen.prompt }];

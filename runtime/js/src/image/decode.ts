@@ -146,9 +146,3 @@ export function decodeImage(bytes: Uint8Array, what = "the image data"): RgbImag
   }
   return applyOrientation(image, exifOrientation(bytes));
 }
-
-/** (width, height) as `decodeImage` will give them, from the header only (orientations 5-8 swap). */
-export function peekImageSize(bytes: Uint8Array, what = "the image data"): [number, number] {
-  const image = decodeImage(bytes, what); // a full decode: small next to the model, and checks the file
-  return [image.width, image.height];
-}
