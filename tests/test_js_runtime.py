@@ -41,12 +41,12 @@ def js_ready() -> None:
 
 
 @pytest.mark.slow
-def test_js_runtime_matches_python(js_ready, tmp_path: Path) -> None:
+def test_js_runtime_matches_python(js_ready, tiny_fp32_bundle: Path, realtext_int4_bundle: Path) -> None:
     import vectors
 
     out = JS / "out" / "vectors"
     shutil.rmtree(out, ignore_errors=True)
-    vectors.write_vectors(out)
+    vectors.write_vectors(out, tiny_fp32_bundle, realtext_int4_bundle)
     env = {**os.environ, "SMOLEDGE_JS_VECTORS": str(out)}
     result = subprocess.run(["node", "--test", "--test-concurrency=1", "dist/test/"], cwd=JS, env=env,
                             capture_output=True, text=True, timeout=900)
@@ -58,18 +58,39 @@ def test_js_runtime_matches_python(js_ready, tmp_path: Path) -> None:
         assert "\n# skipped 0" in result.stdout, "under CI every JS test must run"
 
 
-def test_onnx_manifest_records_the_onnxruntime_floor() -> None:
+def test_onnx_manifest_records_the_onnxruntime_floor(tiny_fp32_bundle: Path) -> None:
     """Export writes the opset, the contrib ops and the oldest onnxruntime that runs them (what a phone's
     onnxruntime must be at least); the JS suite loads the bundles with that oldest onnxruntime."""
     import json
 
-    import vectors
-    from smoledge.export.demo_models import ensure_tiny_model
     from smoledge.export.target_onnx import ORT_FOR_CONTRIB_OP, RUNTIME_FLOOR, _version
 
-    bundle = vectors.cached_bundle(ensure_tiny_model(), "tiny-fp32", "fp32")
-    runtime = json.loads((bundle / "manifest.json").read_text())["artifacts"]["onnx"]["runtime"]
+    runtime = json.loads((tiny_fp32_bundle / "manifest.json").read_text())["artifacts"]["onnx"]["runtime"]
     assert runtime["opset"] >= 17
     assert {"RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= set(runtime["contrib_ops"])
     assert _version(runtime["onnxruntime_min"]) >= _version(RUNTIME_FLOOR)
     assert all(_version(runtime["onnxruntime_min"]) >= _version(ORT_FOR_CONTRIB_OP[op]) for op in runtime["contrib_ops"])
+
+
+def test_eight_bit_matmulnbits_raises_the_floor(tmp_path: Path) -> None:
+    """onnxruntime < 1.22 refuses MatMulNBits with bits=8 (the default int4 recipe's lm_head / v_proj /
+    down_proj): a graph holding one needs 1.22, a 4-bit one does not raise the floor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from smoledge.export.target_onnx import runtime_requirements
+
+    def graph(bits: int) -> Path:
+        node = helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=32, N=8, bits=bits,
+                                block_size=32)
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+        path = tmp_path / f"m{bits}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    eight = runtime_requirements([graph(8)], "1.32.0")
+    assert eight["contrib_ops"] == ["MatMulNBits:8"] and eight["onnxruntime_min"] == "1.22"
+    four = runtime_requirements([graph(4)], "1.32.0")
+    assert four["contrib_ops"] == ["MatMulNBits"] and four["opset"] == 20

@@ -17,6 +17,7 @@ let controller: AbortController | undefined;
 async function ask(): Promise<void> {
   const answer = $("answer");
   answer.textContent = "";
+  answer.dataset["ids"] = "";
   document.body.dataset["state"] = "running";
   try {
     pipeline ??= loadPipelineFromUrl(bundleUrl, { onFile: (f) => status(`loaded ${f}`) });
@@ -30,6 +31,7 @@ async function ask(): Promise<void> {
     const content = [...images.map((image) => ({ type: "image" as const, image })), { type: "text" as const, text }];
     for await (const chunk of pipe.stream({ messages: [{ role: "user", content }], sampling: { maxNewTokens } }, { signal: controller.signal })) {
       answer.textContent += chunk.text;
+      answer.dataset["ids"] += `${answer.dataset["ids"] ? "," : ""}${chunk.tokenId}`;
     }
     const s = pipe.lastStats;
     const rate = (s.completionTokens - 1) / Math.max((s.totalMs - s.timeToFirstTokenMs) / 1000, 1e-9);

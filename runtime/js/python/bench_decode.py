@@ -53,14 +53,13 @@ def node_run(bundle: Path, tokens: int) -> dict:
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     import vectors
-    from smoledge.export.realtext_model import ensure_realtext_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None, help="default: the real-text INT4 bundle (cached)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    bundle = args.bundle or vectors.cached_bundle(ensure_realtext_model(), "realtext-int4", "int4")
+    bundle = args.bundle or vectors.cached_bundles()[1]
     results = {}
     for name, fn in (("python-onnxruntime", python_run), ("node-onnxruntime-node", node_run)):
         runs = [fn(bundle, args.tokens) for _ in range(args.runs)]

@@ -1,6 +1,7 @@
 """Shared test vectors for the TypeScript runtime, written by the Python runtime.
 
-``python runtime/js/python/vectors.py OUT`` (or ``tests/test_js_runtime.py``) writes into ``OUT``:
+``python runtime/js/python/vectors.py OUT [--no-realtext]`` (bundles from the smoledge cache, keyed by what they
+are exported from) or ``tests/test_js_runtime.py`` (the test session's bundles) writes into ``OUT``:
 
   images/*.png|jpg   the odd images (tiny, huge, panorama, tall, gray, RGBA, palette, EXIF-rotated, 16-bit, ...)
   images.json        per image: what load_image decoded (size, sha256 of the RGB bytes), each tile's uint8 sha256,
@@ -8,8 +9,8 @@
   *.f32 / *.u8       pixel values / decoded pixels
   generation.json    greedy ids for 32 steps on the tiny fp32 bundle: text, one image, two images
   errors.json        class name, exit code and message of the Python runtime's error for each bad input
-  bundles.json       the bundles (tiny fp32, real-text int4), cached under the smoledge cache dir keyed by
-                     what they are exported from
+  resize.json        PIL LANCZOS resizes of random pictures to random sizes (both pass orders)
+  bundles.json       the bundles used (tiny fp32, real-text int4)
 
 Nothing here is committed; it is rebuilt from code.
 """
@@ -268,18 +269,27 @@ def error_vectors(out: Path, tiny: Path) -> list[dict]:
     return records
 
 
-def write_vectors(out: Path, *, realtext: bool = True) -> dict:
+def cached_bundles(realtext: bool = True) -> tuple[Path, Path | None]:
+    """The tiny fp32 and the real-text INT4 bundles from the smoledge cache (exported on a miss)."""
     from smoledge.export.demo_models import ensure_tiny_model
+
+    tiny = cached_bundle(ensure_tiny_model(), "tiny-fp32", "fp32")
+    if not realtext:
+        return tiny, None
+    from smoledge.export.realtext_model import ensure_realtext_model
+
+    return tiny, cached_bundle(ensure_realtext_model(), "realtext-int4", "int4")
+
+
+def write_vectors(out: Path, tiny: Path, realtext: Path | None) -> dict:
+    """Write every vector into ``out`` for the tiny fp32 bundle and (when given) the real-text INT4 bundle."""
     from smoledge.runtime.pipeline import Pipeline
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tiny = cached_bundle(ensure_tiny_model(), "tiny-fp32", "fp32")
     bundles = {"tiny_fp32": str(tiny)}
-    if realtext:
-        from smoledge.export.realtext_model import ensure_realtext_model
-
-        bundles["realtext_int4"] = str(cached_bundle(ensure_realtext_model(), "realtext-int4", "int4"))
+    if realtext is not None:
+        bundles["realtext_int4"] = str(realtext)
     pipe = Pipeline.load(tiny)
     images = image_vectors(out, pipe)
     gen_images = [out / "images" / "panorama-1600x200.png", out / "images" / "exif-6.png"]  # PNG: decoded alike
@@ -293,4 +303,4 @@ def write_vectors(out: Path, *, realtext: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(write_vectors(Path(sys.argv[1]), realtext="--no-realtext" not in sys.argv)))
+    print(json.dumps(write_vectors(Path(sys.argv[1]), *cached_bundles(realtext="--no-realtext" not in sys.argv))))

@@ -11,7 +11,8 @@ import { createServer, type Server } from "node:http";
 import path from "node:path";
 import { test } from "node:test";
 
-import { CI, OUT, PACKAGE, need, readJson, type Bundles } from "./vectors.js";
+import { parseManifest } from "../src/manifest.js";
+import { CI, OUT, PACKAGE, need, readJson, vectorPath, type Bundles } from "./vectors.js";
 
 const CHROMIUM = process.env["SMOLEDGE_CHROMIUM"] ?? "/usr/bin/chromium";
 const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -29,12 +30,13 @@ function skipReason(): false | string {
   return reason;
 }
 
-/** A static server on 127.0.0.1: the built page at /, the bundle folder at /bundle/. */
-function serve(web: string, bundle: string): Promise<Server> {
+/** A static server on 127.0.0.1: the built page at /, each bundle folder at /NAME/. */
+function serve(web: string, bundles: Record<string, string>): Promise<Server> {
   const server = createServer(async (req, res) => {
     const url = new URL(req.url ?? "/", "http://127.0.0.1");
     const rel = decodeURIComponent(url.pathname);
-    const [root, inner] = rel.startsWith("/bundle/") ? [bundle, rel.slice("/bundle/".length)] : [web, rel.slice(1) || "index.html"];
+    const name = rel.split("/")[1] ?? "";
+    const [root, inner] = bundles[name] ? [bundles[name]!, rel.slice(name.length + 2)] : [web, rel.slice(1) || "index.html"];
     const file = path.resolve(root, inner);
     const info = await stat(file).catch(() => undefined);
     if (!file.startsWith(path.resolve(root) + path.sep) || !info?.isFile()) {
@@ -50,31 +52,44 @@ function serve(web: string, bundle: string): Promise<Server> {
   return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
 }
 
-test("the browser page answers Paris about examples/house.png (headless Chromium, onnxruntime-web WASM)", { skip: skipReason(), timeout: 300_000 }, async () => {
+type Page = Awaited<ReturnType<Awaited<ReturnType<typeof import("playwright-core")["chromium"]["launch"]>>["newPage"]>>;
+
+/** Ask the demo page one question about one image; returns the answer, its token ids and the status line. */
+async function ask(page: Page, base: string, bundle: string, image: string, prompt: string, maxNewTokens: number) {
+  await page.goto(`${base}/index.html?bundle=/${bundle}/`);
+  await page.waitForSelector("body[data-state=ready]");
+  await page.setInputFiles("#image", image);
+  await page.fill("#prompt", prompt);
+  await page.fill("#max-new-tokens", String(maxNewTokens));
+  await page.click("#ask");
+  await page.waitForSelector("body[data-state=done], body[data-state=error]", { timeout: 200_000 });
+  const ids = (await page.getAttribute("#answer", "data-ids")) ?? "";
+  return { answer: (await page.textContent("#answer")) ?? "", status: (await page.textContent("#status")) ?? "", ids: ids ? ids.split(",").map(Number) : [] };
+}
+
+test("the browser page answers Paris about examples/house.png (headless Chromium, onnxruntime-web WASM)", { skip: skipReason(), timeout: 420_000 }, async () => {
   const { chromium } = await import("playwright-core");
   const b = readJson<Bundles>("bundles.json");
-  const server = await serve(path.join(PACKAGE, "web"), b.realtext_int4!);
-  const port = (server.address() as { port: number }).port;
+  const server = await serve(path.join(PACKAGE, "web"), { realtext: b.realtext_int4!, tiny: b.tiny_fp32 });
+  const base = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
   const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: FLAGS });
   try {
     const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
     const outside: string[] = [];
-    page.on("request", (r) => { if (!r.url().startsWith(`http://127.0.0.1:${port}/`)) outside.push(r.url()); });
-    await page.goto(`http://127.0.0.1:${port}/index.html?bundle=/bundle/`);
-    await page.waitForSelector("body[data-state=ready]");
-    await page.setInputFiles("#image", b.house);
-    await page.fill("#prompt", b.paris_question);
-    await page.fill("#max-new-tokens", "24");
-    await page.click("#ask");
-    await page.waitForSelector("body[data-state=done], body[data-state=error]", { timeout: 280_000 });
-    const answer = await page.textContent("#answer");
-    const status = await page.textContent("#status");
+    page.on("request", (r) => { if (!r.url().startsWith(`${base}/`)) outside.push(r.url()); });
+    const paris = await ask(page, base, "realtext", b.house, b.paris_question, 24);
     mkdirSync(path.join(OUT, "browser"), { recursive: true });
     const shot = path.join(OUT, "browser", "paris.png");
     await page.screenshot({ path: shot, fullPage: true });
     assert.ok(existsSync(shot), "screenshot saved");
-    assert.match(status ?? "", /^done/, `status: ${status}`);
-    assert.match(answer ?? "", /Paris/);
+    assert.match(paris.status, /^done/, `status: ${paris.status}`);
+    assert.match(paris.answer, /Paris/);
+    // the same page on the tiny bundle: Python's greedy ids (up to the first EOS, where the page stops)
+    const v = readJson<{ images: string[]; prompt: string; generated_ids: number[] }[]>("generation.json")[1]!;
+    const tiny = await ask(page, base, "tiny", vectorPath(v.images[0]!), v.prompt, 32);
+    const eosIds = parseManifest(JSON.parse(await readFile(path.join(b.tiny_fp32, "manifest.json"), "utf8")), "tiny").eosTokenIds;
+    const eos = v.generated_ids.findIndex((id) => eosIds.includes(id));
+    assert.deepEqual(tiny.ids, eos < 0 ? v.generated_ids : v.generated_ids.slice(0, eos + 1));
     assert.deepEqual(outside, [], "every request went to 127.0.0.1");
   } finally {
     await browser.close();
