@@ -9,7 +9,7 @@ BUNDLE ?= bundles/smolvlm-realtext-int4
 IMAGE  ?= examples/house.png
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test test-fast bench bench-full check-arm64 clean
+.PHONY: setup demo test test-fast bench bench-full check-arm64 clean js-setup test-js bench-js
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -42,5 +42,19 @@ bench-full: setup
 check-arm64: setup
 	nice -n 10 scripts/check_arm64.sh
 
+# The TypeScript runtime (runtime/js): Node deps from the lockfile; its suite runs inside `make test` too
+# (tests/test_js_runtime.py writes the shared vectors from the Python runtime, then runs node --test).
+js-setup: runtime/js/node_modules/.package-lock.json
+
+runtime/js/node_modules/.package-lock.json: runtime/js/package-lock.json
+	cd runtime/js && npm ci
+
+test-js: setup js-setup
+	$(BIN)/python -m pytest -q tests/test_js_runtime.py
+
+bench-js: setup js-setup
+	cd runtime/js && npm run --silent build
+	$(BIN)/python runtime/js/python/bench_decode.py
+
 clean:
-	rm -rf bundles build *.egg-info .pytest_cache
+	rm -rf bundles build *.egg-info .pytest_cache runtime/js/dist runtime/js/web runtime/js/out

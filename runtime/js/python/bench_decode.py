@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
     bundle = args.bundle or vectors.cached_bundles()[1]
+    load = os.getloadavg()[0]
     results = {}
     for name, fn in (("python-onnxruntime", python_run), ("node-onnxruntime-node", node_run)):
         runs = [fn(bundle, args.tokens) for _ in range(args.runs)]
@@ -73,7 +74,7 @@ def main() -> int:
     same = results["python-onnxruntime"].pop("ids") == results["node-onnxruntime-node"].pop("ids")
     record = {"bundle": json.loads((bundle / "manifest.json").read_text())["source"]["model_id"], "recipe": "int4",
               "prompt": PROMPT, "tokens": args.tokens, "runs": args.runs, "same_tokens": same,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+              "machine": {"cpu_count": os.cpu_count(), "load_average_1min_at_start": round(load, 2), "platform": platform.platform(), "python": platform.python_version(),
                           "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip(),
                           "onnxruntime_python": onnxruntime.__version__, "onnxruntime_node": node_ort},
               "results": results}
@@ -85,7 +86,8 @@ def main() -> int:
         f"# Decode speed: TypeScript runtime (Node) beside the Python runtime\n\n"
         f"Bundle: real-text demo model, INT4 (`{record['recipe']}`); prompt \"{PROMPT}\", {args.tokens} new tokens, greedy, "
         f"EOS ignored; median of {args.runs} runs; same tokens from both: {same}.\n"
-        f"Machine: {os.cpu_count()} CPUs (shared), {record['machine']['platform']}; onnxruntime {onnxruntime.__version__} "
+        f"Machine: {os.cpu_count()} CPUs, shared (1-min load average {load:.1f} at the start: the figures compare the two "
+        f"runtimes side by side, not the hardware), {record['machine']['platform']}; onnxruntime {onnxruntime.__version__} "
         f"(Python), onnxruntime-node {node_ort}, Node {record['machine']['node']}.\n\n"
         f"| runtime | decode tok/s | first token s | new tokens |\n|---|---|---|---|\n{rows}\n")
     print((out / "js-decode.md").read_text())
