@@ -302,5 +302,19 @@ def write_vectors(out: Path, tiny: Path, realtext: Path | None) -> dict:
     return bundles
 
 
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write the JS runtime's shared test vectors")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--no-realtext", action="store_true", help="no real-text bundle (no Paris, browser tests)")
+    parser.add_argument("--tiny", type=Path, help="a tiny fp32 bundle to use instead of the cached one")
+    parser.add_argument("--realtext", type=Path, help="a real-text INT4 bundle to use instead of the cached one")
+    args = parser.parse_args()
+    tiny = args.tiny or cached_bundles(realtext=False)[0]
+    realtext = None if args.no_realtext else args.realtext or cached_bundles()[1]
+    print(json.dumps(write_vectors(args.out, tiny, realtext)))
+
+
 if __name__ == "__main__":
-    print(json.dumps(write_vectors(Path(sys.argv[1]), *cached_bundles(realtext="--no-realtext" not in sys.argv))))
+    main()

@@ -4,13 +4,13 @@
  * `prepare` -> prompt ids + vision input, `stream` -> an async iterator of chunks, `generate` -> the text.
  */
 
-import type { Tokenizer } from "@huggingface/tokenizers";
+import { Tokenizer } from "@huggingface/tokenizers";
 
 import { InputError, PromptTooLongError } from "./errors.js";
 import { Sampler, generateStep, generateText, streamGenerate, type SamplingConfig, type StreamChunk } from "./generate.js";
 import type { RgbImage } from "./image/types.js";
 import type { Manifest } from "./manifest.js";
-import type { OnnxBackend } from "./backend.js";
+import { OnnxBackend, type OnnxOptions, type OrtModule, type SessionFactory } from "./backend.js";
 import { preprocess, type ProcessedImages } from "./preprocess.js";
 import { addSpecialTokensFor, buildPrompt, type Message } from "./prompt.js";
 
@@ -40,6 +40,16 @@ export class Pipeline {
 
   constructor(readonly manifest: Manifest, readonly tokenizer: Tokenizer, readonly backend: OnnxBackend) {
     this.eosTokenIds = manifest.eosTokenIds;
+  }
+
+  /**
+   * A pipeline from parts any platform can provide (React Native included): the parsed manifest, the parsed
+   * tokenizer.json, an onnxruntime module and a function that creates each graph's session.
+   */
+  static async create(manifest: Manifest, tokenizerJson: object, ort: OrtModule, createSession: SessionFactory,
+    options: OnnxOptions = {}): Promise<Pipeline> {
+    const backend = await OnnxBackend.create(ort, manifest.onnx(), createSession, manifest.hiddenSize, options);
+    return new Pipeline(manifest, new Tokenizer(tokenizerJson, {}), backend);
   }
 
   /** The prompt's token ids for these messages, given each image's tile grid. */

@@ -5,10 +5,9 @@
  * pixels are the same) or from an `ImageData` (canvas).
  */
 
-import { Tokenizer } from "@huggingface/tokenizers";
 import * as ort from "onnxruntime-web/wasm";
 
-import { OnnxBackend, sessionOptions, type OnnxOptions } from "./backend.js";
+import { sessionOptions, type OnnxOptions } from "./backend.js";
 import { BundleError } from "./errors.js";
 import { toRgb } from "./image/convert.js";
 import type { RgbImage } from "./image/types.js";
@@ -69,15 +68,13 @@ export async function loadPipelineFromUrl(baseUrl: string, options: WebLoadOptio
     throw new BundleError(`the manifest of ${baseUrl} is unreadable (${(err as Error).message})`, { hint: "re-export the bundle" });
   }
   const manifest = parseManifest(data, baseUrl);
-  const tokenizer = new Tokenizer(JSON.parse(new TextDecoder().decode(await get(manifest.tokenizerFile))), {});
+  const tokenizerJson = JSON.parse(new TextDecoder().decode(await get(manifest.tokenizerFile))) as object;
   const opts = sessionOptions({ executionProviders: ["wasm"], ...options });
-  const graphs = manifest.onnx();
-  const backend = await OnnxBackend.create(ort, graphs, async (graph) => {
+  return Pipeline.create(manifest, tokenizerJson, ort, async (graph) => {
     const model = await get(graph.file);
     const externalData = await Promise.all(graph.dataFiles.map(async (rel) => ({ path: rel.split("/").pop()!, data: await get(rel) })));
     return ort.InferenceSession.create(model, { ...opts, externalData });
-  }, manifest.hiddenSize, options);
-  return new Pipeline(manifest, tokenizer, backend);
+  }, options);
 }
 
 export { ort };
