@@ -8,6 +8,7 @@
  *     ├── BundleError            a bundle that is missing, incomplete, tampered with or too new
  *     ├── InputError             a request the runtime cannot take
  *     │   ├── ImageError         missing, unreadable or unsupported image
+ *     │   │   └── ImageTooLargeError  an image over the byte or pixel limit
  *     │   └── PromptTooLongError prompt + max_new_tokens over the context window
  *     └── BackendError           local inference failed
  *         ├── BackendUnavailableError  the backend cannot run here (e.g. a missing execution provider)
@@ -41,6 +42,7 @@ export class ConfigError extends SmolEdgeError {}
 export class BundleError extends SmolEdgeError {}
 export class InputError extends SmolEdgeError {}
 export class ImageError extends InputError {}
+export class ImageTooLargeError extends ImageError {}
 export class PromptTooLongError extends InputError {}
 export class BackendError extends SmolEdgeError {}
 export class BackendUnavailableError extends BackendError {}

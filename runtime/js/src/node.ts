@@ -5,15 +5,15 @@
 
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { readFile, stat } from "node:fs/promises";
+import { open, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 import type * as OrtNode from "onnxruntime-node";
 
 import { OnnxBackend, sessionOptions, type OnnxOptions } from "./backend.js";
-import { BackendUnavailableError, BundleError, ImageError } from "./errors.js";
-import { decodeImage } from "./image/decode.js";
+import { BackendUnavailableError, BundleError, ImageError, ImageTooLargeError } from "./errors.js";
+import { MAX_IMAGE_BYTES, decodeImage } from "./image/decode.js";
 import type { RgbImage } from "./image/types.js";
 import { parseManifest, type Manifest } from "./manifest.js";
 import { Pipeline } from "./pipeline.js";
@@ -128,16 +128,29 @@ export async function loadPipeline(where: string, options: NodeLoadOptions = {})
   return new Pipeline(bundle.manifest, await loadTokenizer(bundle), backend);
 }
 
-/** Read and decode an image file as the Python runtime's `load_image` does (EXIF rotation, then RGB). */
+/** Read and decode an image file as the Python runtime's `load_image` does (EXIF rotation, then RGB), with
+ * its limits and messages (runtime/media.py: at most MAX_IMAGE_BYTES read). */
 export async function loadImage(file: string): Promise<RgbImage> {
-  const info = await stat(file).catch(() => undefined);
-  if (!info) throw new ImageError(`image file not found: ${file}`, { hint: "check the path" });
-  if (info.isDirectory()) throw new ImageError(`image path is a directory, not a file: ${file}`, { hint: "pass an image file" });
   let bytes: Buffer;
   try {
-    bytes = await readFile(file);
+    const handle = await open(file, "r");
+    try {
+      const size = (await handle.stat()).size; // 0 for a device: read up to the cap
+      const buffer = Buffer.alloc(Math.min(size || MAX_IMAGE_BYTES + 1, MAX_IMAGE_BYTES + 1));
+      let filled = 0;
+      for (let n = 1; n > 0 && filled < buffer.length; filled += n) ({ bytesRead: n } = await handle.read(buffer, filled, buffer.length - filled, null));
+      bytes = buffer.subarray(0, filled);
+    } finally {
+      await handle.close();
+    }
   } catch (err) {
-    throw new ImageError(`cannot read image file ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`, { hint: "check the file permissions" });
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new ImageError(`cannot read image file ${file}: not found`, { hint: "check the path" });
+    if (code === "EISDIR") throw new ImageError(`image path is a directory, not a file: ${file}`, { hint: "pass a image file" });
+    throw new ImageError(`cannot read image file ${file}: ${(err as Error).message}`, { hint: "check the file permissions" });
+  }
+  if (bytes.length > MAX_IMAGE_BYTES) {
+    throw new ImageTooLargeError(`image file ${file} is over the limit of ${MAX_IMAGE_BYTES / 2 ** 20} MiB`, { hint: "pass a smaller image" });
   }
   return decodeImage(new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength), file);
 }

@@ -15,11 +15,13 @@
 import { decode as decodePng } from "fast-png";
 import jpeg from "jpeg-js";
 
-import { ImageError } from "../errors.js";
+import { ImageError, ImageTooLargeError } from "../errors.js";
 import { applyOrientation, exifOrientation } from "./orientation.js";
 import type { RgbImage } from "./types.js";
 
-const MAX_PIXELS = 89_478_485; // Pillow's DecompressionBombError threshold (2 x MAX_IMAGE_PIXELS)
+/** The Python runtime's `MediaLimits` (runtime/media.py): encoded bytes and width x height of one image. */
+export const MAX_IMAGE_BYTES = 64 * 1024 * 1024;
+export const MAX_IMAGE_PIXELS = 100_000_000;
 
 const UNSUPPORTED: Record<string, string> = {
   ftypheic: "HEIC", ftypheix: "HEIC", ftypmif1: "HEIF", ftypavif: "AVIF", ftypmsf1: "HEIF",
@@ -69,8 +71,10 @@ function corrupt(what: string, err: unknown): ImageError {
   return new ImageError(`${what} is corrupt and cannot be decoded (${detail})`, { hint: "re-save it as JPEG or PNG" });
 }
 
-function tooLarge(what: string, width: number, height: number): ImageError {
-  return new ImageError(`${what} is too large to decode safely (${width * height} pixels)`, { hint: "downscale the image first" });
+function tooLarge(what: string, width: number, height: number): ImageTooLargeError {
+  const shown = width && height ? `${width}x${height} pixels` : "too many pixels";
+  return new ImageTooLargeError(`${what} is ${shown}, over the limit of ${MAX_IMAGE_PIXELS.toLocaleString("en-US")} pixels`,
+    { hint: "downscale the image first" });
 }
 
 /** Sample `c` of pixel (x, y) from fast-png's data: 1/2/4-bit rows stay packed (MSB first), 8/16-bit are arrays. */
@@ -88,7 +92,7 @@ function sampler(png: ReturnType<typeof decodePng>): (x: number, y: number, c: n
 function pngToRgb(bytes: Uint8Array, what: string): RgbImage {
   const png = decodePng(bytes);
   const { width, height, depth, channels, palette } = png;
-  if (width * height > MAX_PIXELS) throw tooLarge(what, width, height);
+  if (width * height > MAX_IMAGE_PIXELS) throw tooLarge(what, width, height);
   const out = new Uint8Array(width * height * 3);
   const at = sampler(png);
   const high = (v: number): number => (depth === 16 ? v >> 8 : v);
@@ -119,7 +123,7 @@ function gray(v: number, depth: number): number {
 }
 
 function jpegToRgb(bytes: Uint8Array, what: string): RgbImage {
-  const img = jpeg.decode(bytes, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: MAX_PIXELS / 1e6, tolerantDecoding: false });
+  const img = jpeg.decode(bytes, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: MAX_IMAGE_PIXELS / 1e6, tolerantDecoding: false });
   const { width, height } = img;
   const out = new Uint8Array(width * height * 3);
   for (let p = 0, o = 0; o < out.length; p += 4, o += 3) {
@@ -133,6 +137,10 @@ function jpegToRgb(bytes: Uint8Array, what: string): RgbImage {
 
 /** Decode PNG / JPEG bytes to RGB with EXIF orientation applied (`what` names the source in errors). */
 export function decodeImage(bytes: Uint8Array, what = "the image data"): RgbImage {
+  if (bytes.length > MAX_IMAGE_BYTES) {
+    throw new ImageTooLargeError(`${what} is ${(bytes.length / 2 ** 20).toFixed(1)} MiB, over the limit of ${(MAX_IMAGE_BYTES / 2 ** 20).toFixed(1)} MiB`,
+      { hint: "pass a smaller image" });
+  }
   if (bytes.length === 0) throw new ImageError(`${what} is empty (0 bytes)`, { hint: "pass a complete JPEG, PNG or WebP image" });
   let image: RgbImage;
   try {
