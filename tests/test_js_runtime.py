@@ -94,3 +94,9 @@ def test_eight_bit_matmulnbits_raises_the_floor(tmp_path: Path) -> None:
     assert eight["contrib_ops"] == ["MatMulNBits:8"] and eight["onnxruntime_min"] == "1.22"
     four = runtime_requirements([graph(4)], "1.32.0")
     assert four["contrib_ops"] == ["MatMulNBits"] and four["opset"] == 20
+
+
+def test_js_schema_is_the_python_runtimes() -> None:
+    """Both runtimes validate against one schema: the JS package ships a copy of runtime/manifest.schema.json."""
+    assert (JS / "schema" / "manifest.schema.json").read_text() == (REPO / "runtime" / "manifest.schema.json").read_text(), \
+        "copy runtime/manifest.schema.json to runtime/js/schema/ (the JS package ships it)"

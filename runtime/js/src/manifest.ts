@@ -4,11 +4,8 @@
  * `schema/manifest.schema.json` (ajv), and gives the rest of the package a typed view of the parts it uses.
  * When the manifest's schema changes, this file and the schema file are what change.
  *
- * Schema 2 (issue 12's contract, `runtime/manifest.schema.json`), for whoever swaps it in: SCHEMA_VERSION 2 and
- * the "< 2: re-export" message; the decoder's graph key `decoder_model_merged` -> `decoder`; a graph's
- * `data_files` -> `files` (which also lists `file` itself); graph `inputs` / `outputs` values `[dims]` ->
- * `{shape, dtype}` (map them to `shape` in `graph()` below); `artifacts.onnx.context_capacity` (null for ONNX).
- * Nothing outside this module reads the manifest's JSON.
+ * Schema 2: `schema/manifest.schema.json` is a copy of the Python runtime's `runtime/manifest.schema.json`
+ * (tests/test_js_runtime.py keeps them equal). Nothing outside this module reads the manifest's JSON.
  */
 
 import Ajv2020 from "ajv/dist/2020.js";
@@ -16,9 +13,7 @@ import Ajv2020 from "ajv/dist/2020.js";
 import { BundleError } from "./errors.js";
 import schema from "../schema/manifest.schema.json" with { type: "json" };
 
-export const SCHEMA_VERSION = 1;
-const REQUIRED = ["schema_version", "source", "model", "context_length", "image", "tokens", "chat_template",
-  "generation", "memory", "tokenizer", "artifacts", "files"] as const;
+export const SCHEMA_VERSION = 2;
 
 export interface ImageConfig {
   readonly tile_size: number;
@@ -98,20 +93,24 @@ export function parseManifest(data: unknown, where: string): Manifest {
     throw new BundleError(`bundle ${where} uses manifest schema ${version}, newer than this smoledge reads (${SCHEMA_VERSION})`,
       { hint: "upgrade smoledge: pip install -U smoledge" });
   }
-  const missing = REQUIRED.filter((key) => !(key in m));
-  if (missing.length) {
-    throw new BundleError(`the manifest of ${where} lacks ${missing.join(", ")}`, { hint: "re-export the bundle" });
+  if (version < SCHEMA_VERSION) {
+    throw new BundleError(`bundle ${where} uses manifest schema ${version}, older than this smoledge reads (${SCHEMA_VERSION})`,
+      { hint: `re-export it with this smoledge version (schema ${SCHEMA_VERSION})` });
   }
   if (!validate(m)) {
     const problems = (validate.errors ?? []).map((e) => `${e.instancePath || "/"} ${e.message ?? "is invalid"}`);
-    throw new BundleError(`the manifest of ${where} does not match the schema: ${problems.join("; ")}`,
+    throw new BundleError(`the manifest of ${where} does not match schema ${SCHEMA_VERSION}: ${problems.join("; ")}`,
       { hint: "re-export the bundle" });
   }
   return wrap(m, where);
 }
 
+type Tensors = Record<string, { shape: (number | string)[] }>;
+const shapes = (t: Tensors): Record<string, (number | string)[]> => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, v.shape]));
+
 function graph(g: Json): GraphSpec {
-  return { file: g["file"], dataFiles: g["data_files"] ?? [], inputs: g["inputs"], outputs: g["outputs"] };
+  const files: string[] = g["files"];
+  return { file: g["file"], dataFiles: files.filter((f) => f !== g["file"]), inputs: shapes(g["inputs"]), outputs: shapes(g["outputs"]) };
 }
 
 function wrap(m: Json, where: string): Manifest {
@@ -121,7 +120,7 @@ function wrap(m: Json, where: string): Manifest {
     raw: m,
     modelId: m["source"]["model_id"],
     contextLength: m["context_length"],
-    hiddenSize: Number(m["model"]?.["text"]?.["hidden_size"] ?? onnx?.["graphs"]?.["decoder_model_merged"]?.["inputs"]?.["inputs_embeds"]?.[2]),
+    hiddenSize: m["model"]["text"]["hidden_size"],
     image: m["image"],
     tokens: m["tokens"],
     chatTemplate: m["chat_template"],
@@ -137,7 +136,7 @@ function wrap(m: Json, where: string): Manifest {
           { hint: `export them with: smoledge export MODEL --format onnx --out ${where}` });
       }
       const g = onnx["graphs"];
-      return { visionEncoder: graph(g["vision_encoder"]), embedTokens: graph(g["embed_tokens"]), decoder: graph(g["decoder_model_merged"]) };
+      return { visionEncoder: graph(g["vision_encoder"]), embedTokens: graph(g["embed_tokens"]), decoder: graph(g["decoder"]) };
     },
   };
 }
