@@ -9,7 +9,7 @@ BUNDLE ?= bundles/smolvlm-realtext-int4
 IMAGE  ?= examples/house.png
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test test-fast bench bench-full check-arm64 clean
+.PHONY: setup demo test test-fast bench bench-full check-arm64 clean js-setup test-js bench-js
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/smoledge bundle info $(BUNDLE)
 	$(BIN)/smoledge run $(BUNDLE) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 48 --stream --stats
 
-test: setup
+test: setup js-setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -42,5 +42,20 @@ bench-full: setup
 check-arm64: setup
 	nice -n 10 scripts/check_arm64.sh
 
+# The TypeScript runtime (runtime/js): Node deps from the lockfile; its suite runs inside `make test` too
+# (tests/test_js_runtime.py writes the shared vectors from the Python runtime, then runs node --test).
+js-setup: runtime/js/node_modules/.package-lock.json
+
+runtime/js/node_modules/.package-lock.json: runtime/js/package-lock.json
+	@if command -v npm >/dev/null; then cd runtime/js && npm ci --no-fund --no-audit; \
+	else echo "npm not found: the TypeScript runtime's tests will be skipped (install Node 20+)"; fi
+
+test-js: setup js-setup
+	$(BIN)/python -m pytest -q tests/test_js_runtime.py
+
+bench-js: setup js-setup
+	cd runtime/js && npm run --silent build
+	$(BIN)/python runtime/js/python/bench_decode.py
+
 clean:
-	rm -rf bundles build *.egg-info .pytest_cache
+	rm -rf bundles build *.egg-info .pytest_cache runtime/js/dist runtime/js/web runtime/js/out

@@ -21,6 +21,21 @@ FORMAT = "onnx"
 # logical graph name -> its file's name (the onnx-community SmolVLM names)
 GRAPHS = {"vision_encoder": "vision_encoder", "embed_tokens": "embed_tokens", "decoder": "decoder_model_merged"}
 
+# The first onnxruntime release that runs each default-domain opset and each contrib op the graphs may hold.
+# Checked where it matters: 8-bit MatMulNBits fails to load on onnxruntime 1.20.1 / 1.21.x ("Only 4b
+# quantization is supported") and loads on 1.22.0; the JS runtime's test loads the bundles with its oldest
+# supported onnxruntime-node (1.22.0). An opset or op not listed makes the floor the exporting onnxruntime.
+ORT_FOR_OPSET = {17: "1.13", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.20"}
+ORT_FOR_CONTRIB_OP = {
+    "MatMulNBits": "1.17", "MatMulNBits:8": "1.22", "GatherBlockQuantized": "1.20", "RotaryEmbedding": "1.17",
+    "GroupQueryAttention": "1.17",
+    "SkipSimplifiedLayerNormalization": "1.16", "SimplifiedLayerNormalization": "1.16", "SkipLayerNormalization": "1.9",
+    "FusedMatMul": "1.9", "BiasGelu": "1.9", "FastGelu": "1.9", "Gelu": "1.9", "QuickGelu": "1.16",
+    "MultiHeadAttention": "1.16", "Attention": "1.9", "BiasAdd": "1.14", "BiasSplitGelu": "1.14",
+}
+RUNTIME_FLOOR = "1.22"  # the oldest onnxruntime the runtimes are tested with (runtime/js: onnxruntime-node-oldest)
+
+
 
 @dataclass(frozen=True)
 class OnnxTargetOptions:
@@ -53,7 +68,33 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
     return OnnxArtifact(
         format=FORMAT, graphs=graphs, context_capacity=None, recipe=recipe.to_dict(),
         weight_bytes=sum(g.bytes for g in graphs.values()), ort_fusions=options.ort_fusions,
-        runtime={"onnxruntime_min": "1.20", "exported_with_onnxruntime": onnxruntime.__version__})
+        runtime=runtime_requirements([staging.staging / g.file for g in graphs.values()], onnxruntime.__version__))
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+
+
+def _op_key(node) -> str:
+    bits = next((a.i for a in node.attribute if a.name == "bits"), 4) if node.op_type == "MatMulNBits" else 4
+    return node.op_type if bits == 4 else f"{node.op_type}:{bits}"
+
+
+def runtime_requirements(files: list[Path], exported_with: str) -> dict:
+    """What the graphs need from onnxruntime: the default-domain opset, the contrib (com.microsoft) ops (a
+    MatMulNBits of other than 4 bits as ``MatMulNBits:8``), and the oldest onnxruntime that runs them all
+    (``onnxruntime_min``)."""
+    import onnx
+
+    opset, contrib = 0, set()
+    for path in files:
+        proto = onnx.load(str(path), load_external_data=False)
+        opset = max([opset] + [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")])
+        contrib |= {_op_key(n) for n in proto.graph.node if n.domain == "com.microsoft"}
+    floors = [RUNTIME_FLOOR, ORT_FOR_OPSET.get(opset, exported_with)]
+    floors += [ORT_FOR_CONTRIB_OP.get(op, exported_with) for op in contrib]
+    return {"onnxruntime_min": max(floors, key=_version), "opset": opset, "contrib_ops": sorted(contrib),
+            "exported_with_onnxruntime": exported_with}
 
 
 def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Recipe,

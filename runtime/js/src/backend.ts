@@ -1,0 +1,134 @@
+/**
+ * The ONNX Runtime backend over onnxruntime's JavaScript API, which is one API on Node (onnxruntime-node),
+ * in browsers (onnxruntime-web) and in React Native (onnxruntime-react-native): the platform passes in its
+ * `ort` module and a way to create each graph's session (a file path on Node, bytes + external data on the web).
+ *
+ * As the Python `OnnxBackend`: the KV cache is the list of `past_key_values.*` tensors, replaced by the
+ * decoder's `present.*` outputs each step; the vision encoder runs `visionBatch` tiles per call; execution
+ * providers are passed through.
+ */
+
+import type { InferenceSession, Tensor } from "onnxruntime-common";
+
+import { BackendError } from "./errors.js";
+import type { GraphSpec, OnnxGraphs } from "./manifest.js";
+import type { StepModel } from "./generate.js";
+
+/** The part of an onnxruntime module (node, web or react-native) the backend uses. */
+export interface OrtModule {
+  readonly Tensor: typeof Tensor;
+}
+
+export type SessionFactory = (graph: GraphSpec, role: keyof OnnxGraphs) => Promise<InferenceSession>;
+
+export interface OnnxOptions {
+  /** onnxruntime execution providers, e.g. ["cpu"] (Node), ["wasm"] / ["webgpu"] (web), ["xnnpack"], ["nnapi"], ["coreml"] (RN). */
+  readonly executionProviders?: readonly string[];
+  /** intra-op threads (0 = onnxruntime's default). */
+  readonly threads?: number;
+  /** tiles per vision-encoder call (bounds peak memory). */
+  readonly visionBatch?: number;
+}
+
+export function sessionOptions(options: OnnxOptions): InferenceSession.SessionOptions {
+  return {
+    executionProviders: [...(options.executionProviders ?? ["cpu"])],
+    graphOptimizationLevel: "all",
+    ...(options.threads ? { intraOpNumThreads: options.threads } : {}),
+  };
+}
+
+export interface KvCache {
+  past: Tensor[];
+  length: number;
+}
+
+export class OnnxBackend implements StepModel<KvCache> {
+  private readonly pastNames: string[];
+  private readonly presentNames: string[];
+  private readonly heads: number;
+  private readonly headDim: number;
+  readonly hiddenSize: number;
+
+  private constructor(private readonly ort: OrtModule, private readonly sessions: Record<keyof OnnxGraphs, InferenceSession>,
+    graphs: OnnxGraphs, hiddenSize: number, private readonly visionBatch: number) {
+    this.pastNames = Object.keys(graphs.decoder.inputs).filter((n) => n.startsWith("past_key_values."));
+    this.presentNames = Object.keys(graphs.decoder.outputs).filter((n) => n.startsWith("present."));
+    const shape = graphs.decoder.inputs[this.pastNames[0]!]!; // [batch, heads, past, head_dim]
+    this.heads = Number(shape[1]);
+    this.headDim = Number(shape[3]);
+    this.hiddenSize = hiddenSize;
+  }
+
+  static async create(ort: OrtModule, graphs: OnnxGraphs, createSession: SessionFactory, hiddenSize: number,
+    options: OnnxOptions = {}): Promise<OnnxBackend> {
+    const roles = ["visionEncoder", "embedTokens", "decoder"] as const;
+    const made = await Promise.all(roles.map((role) => createSession(graphs[role], role)));
+    const sessions = Object.fromEntries(roles.map((role, i) => [role, made[i]!])) as Record<keyof OnnxGraphs, InferenceSession>;
+    return new OnnxBackend(ort, sessions, graphs, hiddenSize, Math.max(1, options.visionBatch ?? 4));
+  }
+
+  private async run(role: keyof OnnxGraphs, feeds: Record<string, Tensor>): Promise<InferenceSession.ReturnType> {
+    try {
+      return await this.sessions[role].run(feeds);
+    } catch (err) {
+      const message = String((err as Error)?.message ?? err).split("\n")[0]!.slice(0, 200);
+      throw new BackendError(`onnxruntime failed in ${role}: ${message}`, { cause: err });
+    }
+  }
+
+  /** [n,3,H,W] float32 + [n,H,W] bool -> image features [n * image_seq_len * hidden] float32. */
+  async encodeImages(pixels: Float32Array, mask: Uint8Array, n: number, height: number, width: number): Promise<Float32Array> {
+    const parts: Float32Array[] = [];
+    const px = 3 * height * width;
+    for (let i = 0; i < n; i += this.visionBatch) {
+      const b = Math.min(this.visionBatch, n - i);
+      const out = await this.run("visionEncoder", {
+        pixel_values: new this.ort.Tensor("float32", pixels.subarray(i * px, (i + b) * px), [b, 3, height, width]),
+        pixel_attention_mask: new this.ort.Tensor("bool", mask.subarray(i * height * width, (i + b) * height * width), [b, height, width]),
+      });
+      parts.push(Object.values(out)[0]!.data as Float32Array);
+    }
+    return concat(parts);
+  }
+
+  async embed(ids: readonly number[]): Promise<Float32Array> {
+    const input = new this.ort.Tensor("int64", BigInt64Array.from(ids, (i) => BigInt(i)), [1, ids.length]);
+    const out = await this.run("embedTokens", { input_ids: input });
+    return Object.values(out)[0]!.data as Float32Array;
+  }
+
+  newCache(): KvCache {
+    const empty = new this.ort.Tensor("float32", new Float32Array(0), [1, this.heads, 0, this.headDim]);
+    return { past: this.pastNames.map(() => empty), length: 0 };
+  }
+
+  /** Run the decoder on [1,S,hidden] after what `cache` holds; returns the last position's logits. */
+  async step(inputsEmbeds: Float32Array, cache: KvCache): Promise<Float32Array> {
+    const seq = inputsEmbeds.length / this.hiddenSize;
+    const total = cache.length + seq;
+    const feeds: Record<string, Tensor> = {
+      inputs_embeds: new this.ort.Tensor("float32", inputsEmbeds, [1, seq, this.hiddenSize]),
+      attention_mask: new this.ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
+      position_ids: new this.ort.Tensor("int64", BigInt64Array.from({ length: seq }, (_, i) => BigInt(cache.length + i)), [1, seq]),
+    };
+    this.pastNames.forEach((name, i) => { feeds[name] = cache.past[i]!; });
+    const out = await this.run("decoder", feeds);
+    const logits = out["logits"]!;
+    cache.past = this.presentNames.map((name) => out[name]!);
+    cache.length = total;
+    const vocab = Number(logits.dims[2]);
+    return (logits.data as Float32Array).slice((seq - 1) * vocab, seq * vocab);
+  }
+
+  async release(): Promise<void> {
+    await Promise.all(Object.values(this.sessions).map((s) => s.release()));
+  }
+}
+
+function concat(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const p of parts) { out.set(p, offset); offset += p.length; }
+  return out;
+}
