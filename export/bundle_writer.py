@@ -11,6 +11,7 @@ through a link into the old, valid bundle.  ``write_zip`` writes the ``.zip`` fo
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from smoledge.errors import ExportError
 from smoledge.runtime.bundle import MANIFEST, open_bundle, read_manifest, sha256_file
+from smoledge.runtime.cache import process_alive
 from smoledge.runtime.manifest import FileEntry, Manifest
 
 
@@ -62,7 +64,7 @@ class BundleStaging:
         unlinked first, so the write makes a new file instead of changing the old bundle's."""
         target = self.staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        for old in (target, *target.parent.glob(f"{glob_escape(target.name)}.*")):
+        for old in (target, *target.parent.glob(f"{glob.escape(target.name)}.*")):
             if old.is_file() or old.is_symlink():
                 old.unlink()
         return target
@@ -110,7 +112,7 @@ def leftovers(folder: Path) -> list[Path]:
     for pattern in _LEFTOVERS:
         for path in Path(folder).glob(pattern):
             pid = _pid_in(path.name)
-            if path.is_dir() and pid is not None and not _alive(pid):
+            if path.is_dir() and pid is not None and not process_alive(pid):
                 found.append(path)
     return found
 
@@ -131,22 +133,6 @@ def _pid_in(name: str) -> int | None:
     return int(parts[2]) if name.startswith(".smoledge-") and len(parts) >= 4 and parts[2].isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def _write_error(out: Path, err: OSError) -> ExportError:

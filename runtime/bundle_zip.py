@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from smoledge.errors import BundleError
+from smoledge.runtime.cache import process_alive
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -151,23 +152,11 @@ def remove_dead_partials(root: Path) -> list[Path]:
     removed = []
     for stale in [*root.glob(".*.partial-*"), *root.glob("*.partial")]:  # (the second: older smoledge)
         pid = stale.name.split(".partial-", 1)[1].split("-", 1)[0] if ".partial-" in stale.name else ""
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue
         shutil.rmtree(stale, ignore_errors=True)
         removed.append(stale)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_source(sidecar: Path, path: Path, st: os.stat_result) -> None:

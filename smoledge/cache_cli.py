@@ -120,12 +120,12 @@ def _size(path: Path) -> int:
 
 
 def _dead_partials(folder: Path) -> list[Path]:
-    from smoledge.runtime.bundle_zip import _alive
+    from smoledge.runtime.cache import process_alive
 
     found = []
     for path in folder.glob(".*.partial-*"):
         pid = path.name.split(".partial-", 1)[1].split("-", 1)[0]
-        if not (pid.isdigit() and _alive(int(pid))):
+        if not (pid.isdigit() and process_alive(int(pid))):
             found.append(path)
     return found
 
