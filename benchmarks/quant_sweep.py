@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from smoledge.fidelity import TEXT_FILE, compare_logits
-from smoledge.quantize.recipe import Recipe, load_recipe
+from smoledge.quantize.recipe import QuantReport, Recipe, load_recipe
 
 REPO_DOCS = Path(__file__).resolve().parent.parent / "docs"
 SCORED_TEXTS = (TEXT_FILE, REPO_DOCS / "quant-heldout-text.txt")
@@ -193,8 +193,7 @@ def run_one(ws: Workspace, label: str, recipe: Recipe, max_tokens: int) -> dict:
     paths, reports = ws.build(recipe, tag)
     built = time.perf_counter() - start
     sessions = _sessions(paths)
-    weights = sum(r["weights"] for r in reports.values())
-    bpw = 8.0 * sum(r["weight_bytes"] for r in reports.values()) / weights
+    bpw = QuantReport.combined(QuantReport.from_dict(r) for r in reports.values()).bits_per_weight
     return {"candidate": label, "recipe": recipe.to_dict(), **score(ws, sessions, max_tokens),
             "bits_per_weight": round(bpw, 3), "decode_ms": round(decode_ms(sessions), 2),
             "quantize_s": round(built, 1), "graphs": reports}

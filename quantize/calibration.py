@@ -70,12 +70,12 @@ class CalibrationStats:
         return None if h is None else np.diag(h).astype(np.float32)
 
     def save(self, path: Path) -> None:
-        np.savez(path, tokens=self.tokens, **{f"g:{k}": v for k, v in self.gram.items()})
+        np.savez(path, token_count=self.tokens, **{f"g:{k}": v for k, v in self.gram.items()})
 
     @classmethod
     def load(cls, path: Path) -> "CalibrationStats":
         with np.load(path) as data:
-            return cls({k[2:]: data[k] for k in data.files if k.startswith("g:")}, int(data["tokens"]))
+            return cls({k[2:]: data[k] for k in data.files if k.startswith("g:")}, int(data["token_count"]))
 
 
 def token_ids(spec: CalibrationSpec, tokenizer_file: Path) -> list[list[int]]:

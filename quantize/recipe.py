@@ -173,6 +173,20 @@ class QuantReport:
         return {"schemes": self.schemes, "weights": self.weights, "weight_bytes": self.weight_bytes,
                 "bits_per_weight": round(self.bits_per_weight, 3)}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantReport:
+        return cls(dict(data.get("schemes", {})), int(data.get("weights", 0)), int(data.get("weight_bytes", 0)))
+
+    @classmethod
+    def combined(cls, reports) -> QuantReport:
+        """One report over several graphs (e.g. the text path: embedding + decoder with lm_head)."""
+        reports = list(reports)
+        schemes: dict[str, int] = {}
+        for r in reports:
+            for label, count in r.schemes.items():
+                schemes[label] = schemes.get(label, 0) + count
+        return cls(schemes, sum(r.weights for r in reports), sum(r.weight_bytes for r in reports))
+
 
 def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))

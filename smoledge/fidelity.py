@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from smoledge import quantize
+from smoledge.quantize.recipe import QuantReport
 
 TEXT_FILE = Path(quantize.__file__).parent / "fidelity_text.txt"  # package data of smoledge.quantize
 
@@ -98,9 +99,8 @@ def measure(quant_path: str | Path, reference_path: str | Path, max_tokens: int 
 
 def _text_bits_per_weight(graphs: dict) -> float:
     """Bits per weight over the text path (embedding + decoder with lm_head), scales and zero points counted."""
-    parts = [graphs[g] for g in ("embed_tokens", "decoder") if graphs.get(g)]
-    weights = sum(p["weights"] for p in parts)
-    return round(8.0 * sum(p["weight_bytes"] for p in parts) / weights, 3) if weights else 0.0
+    parts = [QuantReport.from_dict(graphs[g]) for g in ("embed_tokens", "decoder") if graphs.get(g)]
+    return round(QuantReport.combined(parts).bits_per_weight, 3)
 
 
 def _pool(items: list[tuple[DecoderFidelity, int]]) -> dict:

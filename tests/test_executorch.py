@@ -109,6 +109,7 @@ def test_kv_cache_survives_the_other_methods(fp32_pipe):
 
 
 def test_manifest_records_the_pte_recipe_mapping_and_runner_constants(et_int4_bundle):
+    from smoledge.quantize.recipe import Recipe
     from smoledge.runtime.bundle import open_bundle
 
     bundle = open_bundle(et_int4_bundle)
@@ -122,7 +123,7 @@ def test_manifest_records_the_pte_recipe_mapping_and_runner_constants(et_int4_bu
     quant = section.quantization
     assert quant["schemes"]["8da4w-sym-g32"] > 0 and quant["schemes"]["embedding-int4-asym-g32"] == 1
     assert quant["schemes"]["8da8w-sym-per-channel"] > 0  # lm_head and the vision tower: 8-bit per the recipe
-    asked = {_label(rule["scheme"]) for rule in section.recipe["rules"]}
+    asked = {rule.scheme.label() for rule in Recipe.from_dict(section.recipe).rules}
     assert all(m["recipe"] in asked for m in quant["mapping"])
     constants = section.constant_methods
     assert set(constants["get_eos_ids"]) == set(bundle.manifest.generation.eos_token_ids)
@@ -134,12 +135,6 @@ def test_manifest_records_the_pte_recipe_mapping_and_runner_constants(et_int4_bu
     outside = " ".join(delegate["text_decoder"]["outside_delegate"])
     for slow_op in ("mean", "layer_norm", "index_put", "slice_copy", "expand_copy", "unsqueeze_copy"):
         assert slow_op not in outside
-
-
-def _label(scheme: dict) -> str:
-    from smoledge.quantize.recipe import Scheme
-
-    return Scheme(**scheme).label()
 
 
 def test_recipe_schemes_map_onto_what_xnnpack_runs():

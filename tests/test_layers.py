@@ -24,10 +24,15 @@ def _node(module: str) -> str | None:
     return parts[1] if parts[1] in PACKAGES else f"smoledge.{parts[1]}"
 
 
+# runtime/js is the TypeScript package (its node_modules and its Python helper scripts are no smoledge modules)
+NOT_SMOLEDGE = ("runtime/js/",)
+
+
 def _sources():
     for package, folder in PACKAGES.items():
         for path in sorted((REPO / folder).rglob("*.py")):
-            yield package, path
+            if not path.relative_to(REPO).as_posix().startswith(NOT_SMOLEDGE):
+                yield package, path
     for path in sorted((REPO / "smoledge").glob("*.py")):
         yield f"smoledge.{path.stem}", path
 

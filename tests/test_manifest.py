@@ -147,8 +147,9 @@ def test_nothing_reads_a_raw_manifest_key_outside_the_schema_module():
     for package in _PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             rel = path.relative_to(REPO).as_posix()
-            if rel in _SCHEMA_MODULES:
-                continue
+            if rel in _SCHEMA_MODULES or rel.startswith("runtime/js/"):
+                continue  # runtime/js: the TypeScript package; its Python scripts write test vectors (tampered
+                #           manifests on purpose, as tests/ does) and are no smoledge module
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if _RAW.search(line.split("#")[0]):
                     hits.append(f"{rel}:{number}: {line.strip()}")

@@ -70,9 +70,12 @@ def main() -> int:
                          "ids": runs[0]["ids"]}
     import onnxruntime
 
+    from smoledge.runtime.bundle import open_bundle
+
     node_ort = json.loads((JS / "node_modules" / "onnxruntime-node" / "package.json").read_text())["version"]
     same = results["python-onnxruntime"].pop("ids") == results["node-onnxruntime-node"].pop("ids")
-    record = {"bundle": json.loads((bundle / "manifest.json").read_text())["source"]["model_id"], "recipe": "int4",
+    manifest = open_bundle(bundle, verify=False).manifest
+    record = {"bundle": manifest.source.model_id, "recipe": "int4",
               "prompt": PROMPT, "tokens": args.tokens, "runs": args.runs, "same_tokens": same,
               "machine": {"cpu_count": os.cpu_count(), "load_average_1min_at_start": round(load, 2), "platform": platform.platform(), "python": platform.python_version(),
                           "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip(),
