@@ -1,0 +1,94 @@
+"""Greedy tokens of the tiny ExecuTorch bundles, 32 steps (EOS ignored), text / one image / two images,
+against ``tests/fixtures/executorch_tokens.json``: the tokens the decoder gave before issue 14's changes
+(recorded with ``python tests/test_executorch_tokens.py``, from the commit before them).  Any change to the
+export or the backend must keep them.  The fp32 tokens are also transformers eager's."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_image
+from executorch_bundles import cached_bundle
+
+FIXTURE = Path(__file__).parent / "fixtures" / "executorch_tokens.json"
+STEPS = 32
+CASES = {"text": ("Tell me a story about a cat.", []),
+         "one-image": ("What is in this image?", [(100, 70)]),
+         "two-images": ("Compare these two images.", [(60, 60), (200, 90)])}
+RECIPES = ("fp32", "int4")
+
+
+def case_images(name: str) -> list:
+    return [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[name][1])]
+
+
+def greedy_tokens(pipe, name: str) -> list[int]:
+    """Exactly STEPS greedy tokens through the shared generation layer (no stop token ends it early)."""
+    from smoledge.runtime import ChatRequest, Message, SamplingConfig
+    from smoledge.runtime.generate import Sampler, generate_step
+
+    text, _ = CASES[name]
+    config = SamplingConfig(max_new_tokens=STEPS)
+    prepared = pipe.prepare(ChatRequest((Message.user(text, case_images(name)),), config))
+    cache = pipe.backend.new_cache(prepared.input_ids.shape[1] + STEPS)
+    steps = generate_step(pipe.backend, pipe.prompt_embeds(prepared), cache, Sampler(config), STEPS)
+    return [token for token, _ in steps]
+
+
+def tiny_et_bundle(recipe: str) -> Path:
+    from smoledge.export.demo_models import ensure_tiny_model
+
+    return cached_bundle(ensure_tiny_model(), f"tiny-{recipe}-et", recipe, ("executorch",))
+
+
+@pytest.fixture(scope="module", params=RECIPES)
+def et_pipe(request):
+    from smoledge.runtime import load
+
+    return request.param, load(tiny_et_bundle(request.param), backend="executorch")
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_the_recorded_ones(case, et_pipe, recorded):
+    recipe, pipe = et_pipe
+    expected = recorded[recipe][case]
+    assert len(expected) == STEPS
+    assert greedy_tokens(pipe, case) == expected
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recorded_fp32_tokens_are_transformers_eager_tokens(case, recorded, tiny_model_and_processor):
+    from eager_reference import hf_reference
+
+    model, processor = tiny_model_and_processor
+    text, _ = CASES[case]
+    _, tokens, _ = hf_reference(model, processor, case_images(case), text, STEPS)
+    assert tokens == recorded["fp32"][case]
+
+
+def record() -> None:
+    """Write the fixture from the current export and backend."""
+    from smoledge.runtime import load
+
+    out = {}
+    for recipe in RECIPES:
+        pipe = load(tiny_et_bundle(recipe), backend="executorch")
+        out[recipe] = {case: greedy_tokens(pipe, case) for case in CASES}
+        assert all(np.asarray(v).size == STEPS for v in out[recipe].values())
+    FIXTURE.parent.mkdir(exist_ok=True)
+    FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    record()
