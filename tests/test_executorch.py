@@ -23,6 +23,7 @@ import torch
 
 from conftest import REPO, run_cli, synthetic_image
 from eager_reference import hf_reference, relative_errors, teacher_forced
+from executorch_bundles import cached_bundle
 from smoledge.runtime import ChatRequest, Message, SamplingConfig, load
 
 STEPS = 24
@@ -32,15 +33,14 @@ CASES = {"text-only": [], "one-image": [(100, 70)], "two-images": [(60, 60), (20
 
 
 @pytest.fixture(scope="module")
-def et_fp32_bundle(fp32_bundle_with):
-    """The ONNX fp32 bundle with the ExecuTorch fp32 .pte added: two formats in one bundle."""
-    return fp32_bundle_with("executorch")
+def et_fp32_bundle(tiny_model_dir):
+    """The ONNX fp32 bundle with the ExecuTorch fp32 .pte added: two formats in one bundle (cached)."""
+    return cached_bundle(tiny_model_dir, "tiny-fp32-onnx-et", "fp32", ("onnx", "executorch"))
 
 
 @pytest.fixture(scope="module")
-def et_int4_bundle(tiny_model_dir, export_bundle_to, tmp_path_factory):
-    return export_bundle_to(tiny_model_dir, tmp_path_factory.mktemp("et") / "tiny-int4", "int4",
-                            formats=("executorch",))
+def et_int4_bundle(tiny_model_dir):
+    return cached_bundle(tiny_model_dir, "tiny-int4-et", "int4", ("executorch",))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Greedy tokens of the tiny ExecuTorch bundles, 32 steps (EOS ignored), text / one image / two images,
 against ``tests/fixtures/executorch_tokens.json``: the tokens the decoder gave before issue 14's changes
 (recorded with ``python tests/test_executorch_tokens.py``, from the commit before them).  Any change to the
-export or the backend must keep them.  The fp32 tokens are also transformers eager's."""
+export or the backend must keep them, with the vision method resident and loaded on demand.  The fp32
+tokens are also transformers eager's."""
 
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ def tiny_et_bundle(recipe: str) -> Path:
     return cached_bundle(ensure_tiny_model(), f"tiny-{recipe}-et", recipe, ("executorch",))
 
 
-@pytest.fixture(scope="module", params=RECIPES)
+@pytest.fixture(scope="module", params=[(recipe, vision) for recipe in RECIPES for vision in ("resident", "on-demand")],
+                ids=lambda p: "-".join(p))
 def et_pipe(request):
     from smoledge.runtime import load
 
-    return request.param, load(tiny_et_bundle(request.param), backend="executorch")
+    recipe, vision = request.param
+    return recipe, load(tiny_et_bundle(recipe), backend="executorch", vision=vision)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,25 @@ def test_greedy_tokens_equal_the_recorded_ones(case, et_pipe, recorded):
     expected = recorded[recipe][case]
     assert len(expected) == STEPS
     assert greedy_tokens(pipe, case) == expected
+    # on demand, the vision method is held only while it encodes
+    assert pipe.backend.vision_loaded == (pipe.backend.vision_mode == "resident")
+
+
+def test_on_demand_vision_is_not_loaded_until_an_image_comes():
+    from smoledge.runtime import load
+
+    pipe = load(tiny_et_bundle("int4"), backend="executorch", vision="on-demand")
+    assert not pipe.backend.vision_loaded
+    assert greedy_tokens(pipe, "text") and not pipe.backend.vision_loaded
+
+
+def test_unknown_vision_mode_is_a_one_line_config_error():
+    from smoledge.errors import ConfigError
+    from smoledge.runtime import load
+
+    with pytest.raises(ConfigError) as err:
+        load(tiny_et_bundle("int4"), backend="executorch", vision="sometimes")
+    assert "\n" not in str(err.value) and "on-demand" in err.value.hint
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -9,6 +9,13 @@ when their Python modules are imported, which :func:`load_kernel_libraries` does
 ExecuTorch's Python runtime needs torch (its pybindings link libtorch), so unlike the ONNX backend this
 one imports torch.  The KV cache lives inside the loaded program, so a backend serves one sequence at a
 time: a new cache invalidates the previous one.
+
+Memory (docs/executorch.md has the measured breakdown): the ``.pte`` is memory-mapped, not read
+(ExecuTorch's ``MmapDataLoader``); XNNPACK packs each delegated method's weights into its own buffers when
+the method loads and then unmaps the file pages, so the packed copy is the only one held.  The program's
+memory-planned arena (KV cache + activations) is allocated once per program.  With
+``ExecutorchOptions(vision="on-demand")`` the vision method (packed weights + XNNPACK workspace) is loaded
+for each batch of tiles and released after it, so decoding never holds it.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smoledge.errors import BackendError, BackendUnavailableError, BundleError, InputError, PromptTooLongError
+from smoledge.errors import (BackendError, BackendUnavailableError, BundleError, ConfigError, InputError,
+                             PromptTooLongError)
 from smoledge.runtime.bundle import Bundle
 
 FORMAT = "executorch"
 METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+VISION_MODES = ("resident", "on-demand")
 KERNEL_LIBRARIES = ("executorch.kernels.quantized", "executorch.extension.llm.custom_ops.custom_ops")
 # Python loggers that warn on every import of executorch.runtime (which imports the exporter and torchao).
 _NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
@@ -43,6 +52,15 @@ _ERRORS = {0x01: "internal error", 0x12: "invalid argument", 0x13: "invalid type
 @dataclass(frozen=True)
 class ExecutorchOptions:
     threads: int = 0  # ExecuTorch threadpool size (XNNPACK and custom kernels); 0 = the runtime's default
+    # "resident": the vision method is loaded with the others (first: its load-time peak is then lowest) and
+    # kept; "on-demand": loaded for each encode_images call and released after it (text-only requests never
+    # load it; each image request pays its load, ~0.3-0.7 s on the real-text model).
+    vision: str = "resident"
+
+    def __post_init__(self):
+        if self.vision not in VISION_MODES:
+            raise ConfigError(f"unknown ExecuTorch vision mode {self.vision!r}",
+                              hint=f"use one of {', '.join(VISION_MODES)}")
 
 
 @dataclass
@@ -111,48 +129,57 @@ def load_kernel_libraries() -> None:
                                           hint="install the executorch pip package (>= 1.5), which ships it") from None
 
 
-def _runtime():
+def _pybindings():
+    """ExecuTorch's pybindings module (what ``executorch.runtime.Runtime`` wraps).  The backend calls its
+    program directly: ``executorch.runtime.Program`` caches every method it loads for the program's life,
+    and the on-demand vision method must be released after use."""
     try:
-        from executorch.runtime import Runtime
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Verification
     except ImportError as err:
         raise BackendUnavailableError(f"the executorch backend needs {err.name}, which is not installed",
                                       hint="pip install 'executorch>=1.5'") from None
-    return Runtime.get()
+    return portable_lib, Verification
+
+
+def method_names(program) -> list[str]:
+    return [program.get_method_name(i) for i in range(program.num_methods())]
 
 
 def open_program(path, methods: tuple[str, ...] = METHODS, threads: int = 0):
-    """Load the .pte, the kernel libraries and ``methods``, quietly; returns (program, {name: method}).
-    Errors are one line and quote the runtime's own reason (e.g. the missing operators)."""
-    failure = None
-    with quiet_loading() as native:
-        runtime = _runtime()
+    """Memory-map the .pte (``MmapDataLoader``), load the kernel libraries and ``methods``, quietly;
+    returns (program, {name: method}).  Errors are one line and quote the runtime's own reason (e.g. the
+    missing operators)."""
+    with quiet_loading():
+        portable, verification = _pybindings()
         try:
-            program = runtime.load_program(path)
+            program = portable._load_program(str(path), program_verification=verification.InternalConsistency)
         except RuntimeError as err:
             raise BundleError(f"ExecuTorch cannot load {path.name}: {describe_error(err)}",
                               hint="the .pte is corrupt or from an incompatible exporter; re-export it") from None
-        if not runtime.backend_registry.is_available("XnnpackBackend"):
+        if not portable._is_available("XnnpackBackend"):
             raise BackendUnavailableError("this ExecuTorch runtime has no XNNPACK backend, which the .pte is "
                                           "delegated to", hint="install the executorch pip package (>= 1.5)")
         load_kernel_libraries()
         if threads:  # before any method holds the pool
-            from executorch.extension.pybindings import portable_lib
+            portable._unsafe_reset_threadpool(threads)
+    names = method_names(program)
+    missing = [name for name in methods if name not in names]
+    if missing:
+        raise BundleError(f"{path.name} has no method {', '.join(missing)} (it has {', '.join(sorted(names))})",
+                          hint="re-export with --format executorch")
+    return program, {name: load_method(program, name) for name in methods}
 
-            portable_lib._unsafe_reset_threadpool(threads)
-        missing = [name for name in methods if name not in program.method_names]
-        if missing:
-            raise BundleError(f"{path.name} has no method {', '.join(missing)} (it has "
-                              f"{', '.join(sorted(program.method_names))})", hint="re-export with --format executorch")
-        loaded = {}
-        for name in methods:
-            try:
-                loaded[name] = program.load_method(name)
-            except RuntimeError as err:
-                failure = (name, err)
-                break
-    if failure:
-        raise method_error(*failure, native.missing_operators())
-    return program, loaded
+
+def load_method(program, name: str):
+    """A new instance of method ``name``: XNNPACK packs its weights now; dropping it frees them (and its
+    workspace).  Methods share the program's memory-planned arena."""
+    with quiet_loading() as native:
+        try:
+            return program.load_method(name)
+        except RuntimeError as err:
+            failure = err
+    raise method_error(name, failure, native.missing_operators())
 
 
 def method_error(name: str, err: Exception, missing_ops: list[str]) -> Exception:
@@ -173,18 +200,28 @@ class ExecutorchBackend:
         section = bundle.artifact(FORMAT)
         graphs = section.graphs
         self.method_of = {name: graph.method or name for name, graph in graphs.items()}
-        self.program, self.methods = open_program(bundle.file(graphs["decoder"].file),
-                                                  tuple(self.method_of.values()), threads=options.threads)
-        import torch  # present: executorch.runtime needs it and imported it above
+        self.vision_mode = options.vision
+        resident = [name for name in graphs if name != "vision_encoder" or options.vision == "resident"]
+        # the vision method first: its packing peak (the mapped weights + the packed copy) then comes
+        # before the decoder's packed weights are held
+        resident.sort(key=lambda name: name != "vision_encoder")
+        self.program, loaded = open_program(bundle.file(graphs["decoder"].file),
+                                            tuple(self.method_of[name] for name in resident), threads=options.threads)
+        self.methods = dict(loaded)
+        import torch  # present: executorch's pybindings need it and imported it above
 
         self.torch = torch
         self.max_context_len = section.capacity(bundle.manifest.context_length)
         self.tile_size = int(graphs["vision_encoder"].inputs["pixel_values"].shape[-1])
         self._generation = 0
 
+    @property
+    def vision_loaded(self) -> bool:
+        return self.method_of["vision_encoder"] in self.methods
+
     def _run(self, method: str, inputs: list):
         try:
-            return self.methods[method].execute(inputs)[0]
+            return self.methods[method](inputs)[0]
         except RuntimeError as err:
             raise BackendError(f"ExecuTorch failed in {method}: {describe_error(err)}",
                                hint="rerun with --debug; the runtime's log above names the failing kernel") from err
@@ -198,8 +235,14 @@ class ExecutorchBackend:
             raise InputError(f"image tiles must be 3x{self.tile_size}x{self.tile_size}, got "
                              f"{'x'.join(map(str, pixel_values.shape[1:]))}")
         tiles = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        parts = [self._run(self.method_of["vision_encoder"], [self.torch.from_numpy(tiles[i:i + 1])]).numpy()
-                 for i in range(len(tiles))]
+        method = self.method_of["vision_encoder"]
+        if method not in self.methods:
+            self.methods[method] = load_method(self.program, method)
+        try:
+            parts = [self._run(method, [self.torch.from_numpy(tiles[i:i + 1])]).numpy() for i in range(len(tiles))]
+        finally:
+            if self.vision_mode == "on-demand":
+                del self.methods[method]  # its packed weights and XNNPACK workspace go with it
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
