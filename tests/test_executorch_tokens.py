@@ -42,8 +42,11 @@ def greedy_tokens(pipe, name: str) -> list[int]:
 
 
 def tiny_et_bundle(recipe: str) -> Path:
+    """The cached bundles test_executorch.py uses too (the fp32 one holds the ONNX graphs as well)."""
     from smoledge.export.demo_models import ensure_tiny_model
 
+    if recipe == "fp32":
+        return cached_bundle(ensure_tiny_model(), "tiny-fp32-onnx-et", "fp32", ("onnx", "executorch"))
     return cached_bundle(ensure_tiny_model(), f"tiny-{recipe}-et", recipe, ("executorch",))
 
 

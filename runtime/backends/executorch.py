@@ -14,8 +14,9 @@ Memory (docs/executorch.md has the measured breakdown): the ``.pte`` is memory-m
 (ExecuTorch's ``MmapDataLoader``); XNNPACK packs each delegated method's weights into its own buffers when
 the method loads and then unmaps the file pages, so the packed copy is the only one held.  The program's
 memory-planned arena (KV cache + activations) is allocated once per program.  With
-``ExecutorchOptions(vision="on-demand")`` the vision method (packed weights + XNNPACK workspace) is loaded
-for each batch of tiles and released after it, so decoding never holds it.
+``ExecutorchOptions(vision="on-demand")`` the vision method is loaded for each batch of tiles and
+released after it, so decoding never holds its packed weights (XNNPACK's workspace, shared by every
+delegate and sized to the largest, stays).
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ def open_program(path, methods: tuple[str, ...] = METHODS, threads: int = 0):
 
 
 def load_method(program, name: str):
-    """A new instance of method ``name``: XNNPACK packs its weights now; dropping it frees them (and its
-    workspace).  Methods share the program's memory-planned arena."""
+    """A new instance of method ``name``: XNNPACK packs its weights now; dropping it frees them.  Methods
+    share the program's memory-planned arena."""
     with quiet_loading() as native:
         try:
             return program.load_method(name)
@@ -242,7 +243,7 @@ class ExecutorchBackend:
             parts = [self._run(method, [self.torch.from_numpy(tiles[i:i + 1])]).numpy() for i in range(len(tiles))]
         finally:
             if self.vision_mode == "on-demand":
-                del self.methods[method]  # its packed weights and XNNPACK workspace go with it
+                del self.methods[method]  # its packed weights go with it
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
