@@ -319,3 +319,18 @@ def test_max_context_len_flag_caps_what_the_router_accepts(tiny_model_dir, tmp_p
     bad = run_cli("export", str(tiny_model_dir), "--format", "executorch", "--max-context-len", "lots",
                   "--out", str(tmp_path / "never"), "--no-progress")
     assert bad.returncode != 0 and "--max-context-len" in bad.stderr and not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_memory_breakdown_script_measures_both_vision_modes(et_int4_bundle, tmp_path):
+    """benchmarks/executorch_memory.py (the figures of docs/executorch.md's Memory section), on the tiny .pte."""
+    out = tmp_path / "memory.json"
+    res = subprocess.run([sys.executable, "-m", "smoledge.benchmarks.executorch_memory", str(et_int4_bundle),
+                          "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"resident", "on-demand"}
+    for steps in figures.values():
+        assert [s["after"] for s in steps][1:3] == ["backend loaded", "one tile encoded"]
+        assert all(s["peak_mb"] >= s["rss_mb"] > 0 for s in steps)
+        assert steps[-1]["peak_mb"] >= max(s["rss_mb"] for s in steps)  # one process: the peak only grows
