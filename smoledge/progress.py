@@ -230,7 +230,7 @@ def _len(iterable) -> int | None:
 
 
 # a tqdm frame: "DESC: 45%|####      | 5/11 [00:01<00:02, 3.1 passes/s]" or "DESC: 5 ops [00:01, ...]"
-_BAR = re.compile(r"^(?P<desc>.*?):\s+(?:\d+%\|[^|]*\|\s*)?(?P<n>\d+)(?:/(?P<total>\d+))?\S*\s*\[\d+:\d+")
+_BAR = re.compile(r"^(?P<desc>.*?):\s+(?:\d+%\|[^|]*\|\s*)?(?P<n>\d+)(?:/(?P<total>\d+))?[^\[|]*\[\d+:\d+")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -298,3 +298,21 @@ class _LogCounter(logging.Filter):
                 self.seen.add(name[0])
                 self.progress.detail(f"{self.what} {len(self.seen)}/{len(self.names)}")
         return record.levelno >= self.shown_from  # what was printed before still is; the rest was only counted
+
+
+def first_token_wait(result, request, stream: TextIO | None = None) -> Progress:
+    """For ``smoledge run``: a request with videos answered on this device says, on stderr, what it decodes
+    and encodes before its first token, and shows the ticker while it does (on a terminal); close the
+    returned progress when the first token arrives.  Other requests get a silent one."""
+    frames = getattr(result.shape, "video_frames", 0) if result.decision.route == "local" else 0
+    wait = Progress("run", enabled=bool(frames), stream=stream, summary=False)
+    if frames:
+        names = ", ".join(_source_name(v) for v in request.videos())
+        wait.write(f"reading video {names} / encoding {frames} frames (before the first token)")
+        if wait.tty:  # the ticker; a log already has its line
+            wait.step(f"decoding and encoding {frames} video frames")
+    return wait
+
+
+def _source_name(source) -> str:
+    return "(bytes)" if isinstance(source, (bytes, bytearray)) else os.path.basename(str(source))

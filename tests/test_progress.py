@@ -102,6 +102,9 @@ def test_library_bars_feed_the_detail_line():
             for _ in tqdm(iter(range(3)), desc="Converting PyTorch Frontend ==> MIL Ops", mininterval=0):
                 pass
             assert progress._detail == "Converting PyTorch Frontend ==> MIL Ops 3"
+            for _ in tqdm([], desc="Running MIL frontend_milinternal pipeline", unit=" passes"):
+                pass  # coremltools' empty pipeline: "...: 0 passes [00:00, ? passes/s]"
+            assert progress._detail == "Running MIL frontend_milinternal pipeline 0"
             print("kept", file=sys.stderr)
     assert "kept\n" in out.getvalue() and "Running MIL" not in out.getvalue()
 
