@@ -2,7 +2,9 @@
 
 Targets are named by the format registry (:mod:`smoledge.runtime.formats`); each module exposes
 ``FORMAT``, an options dataclass and ``export(model, staging, recipe, options, progress) -> Artifact``
-returning its typed manifest section.
+returning its typed manifest section.  ``progress`` is a :class:`smoledge.progress.Progress`: a target
+calls ``set_postfix_str(step)`` and ``update()`` for each of its three steps, and ``detail(text)`` for what
+a step is doing now (see ``docs/progress.md``).
 """
 
 from __future__ import annotations
