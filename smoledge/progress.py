@@ -247,16 +247,17 @@ class _BarSink(io.TextIOBase):
         self._pending += text
         *segments, self._pending = re.split(r"(\r|\n)", self._pending)
         for segment, end in zip(segments[::2], segments[1::2]):
-            self._segment(segment, end)
+            if not self._bar(segment) and end == "\n" and segment.strip():
+                self._pass(segment)
+        self._bar(self._pending)  # tqdm writes "\r" + frame: the frame so far is the bar's state now
         return len(text)
 
-    def _segment(self, segment: str, end: str) -> None:
+    def _bar(self, segment: str) -> bool:
         match = _BAR.match(_ANSI.sub("", segment).strip())
         if match:
-            n, total = match["n"], match["total"]
-            self.progress.detail(f"{match['desc'].strip()} {n}/{total}" if total else f"{match['desc'].strip()} {n}")
-        elif end == "\n" and segment.strip():
-            self._pass(segment)
+            desc, n, total = match["desc"].strip(), match["n"], match["total"]
+            self.progress.detail(f"{desc} {n}/{total}" if total else f"{desc} {n}")
+        return match is not None
 
     def flush_partial(self) -> None:
         if self._pending.strip() and not _BAR.match(_ANSI.sub("", self._pending).strip()):

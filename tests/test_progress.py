@@ -96,8 +96,9 @@ def test_library_bars_feed_the_detail_line():
     with Progress("export", stream=out, tick_s=60) as progress:
         progress.step("coreml: decoder")
         with progress.library_bars():
-            for _ in tqdm(range(7), desc="Running MIL default pipeline", unit=" passes", mininterval=0):
-                pass
+            for i in tqdm(range(7), desc="Running MIL default pipeline", unit=" passes", mininterval=0):
+                if i == 3:  # the bar's latest frame, not the one before it
+                    assert progress._detail == "Running MIL default pipeline 3/7"
             assert progress._detail == "Running MIL default pipeline 7/7"
             for _ in tqdm(iter(range(3)), desc="Converting PyTorch Frontend ==> MIL Ops", mininterval=0):
                 pass
