@@ -30,7 +30,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (or add a format to)")
     parser.add_argument("--zip", action="store_true",
                         help="also write OUT.zip beside the folder (one file to copy; 'smoledge run' opens it)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="print no progress (the libraries' own bars, coremltools' too, included)")
 
 
 def _quiet_libraries(logging, warnings) -> None:
@@ -68,6 +69,24 @@ def check_out(out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from smoledge.progress import Progress
+
+    check_out(args.out)
+    with Progress("export", enabled=not args.no_progress) as progress:
+        progress.step("loading torch and transformers")  # _quiet_libraries imports them: seconds
+        path = _export(args, progress)
+        if args.zip:
+            from smoledge.export.bundle_writer import write_zip
+
+            progress.step("writing the zip")
+            zipped = write_zip(path)
+    print(path)  # the answer, on stdout, once the status line on stderr is gone
+    if args.zip:
+        print(zipped)
+    return 0
+
+
+def _export(args: argparse.Namespace, progress) -> Path:
     import logging
     import warnings
 
@@ -75,7 +94,6 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe, with_vision_precision
 
-    check_out(args.out)
     if not args.debug:
         _quiet_libraries(logging, warnings)
     formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
@@ -87,10 +105,4 @@ def main(args: argparse.Namespace) -> int:
     job = ExportJob(model=args.model, out=args.out, recipe=recipe, formats=formats, revision=args.revision,
                     target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision,
                     cloud_models=cloud)
-    path = export_bundle(job, show_progress=not args.no_progress)
-    print(path)
-    if args.zip:
-        from smoledge.export.bundle_writer import write_zip
-
-        print(write_zip(path))
-    return 0
+    return export_bundle(job, progress=progress)

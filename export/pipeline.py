@@ -2,7 +2,9 @@
 
 Targets are named by the format registry (:mod:`smoledge.runtime.formats`); each module exposes
 ``FORMAT``, an options dataclass and ``export(model, staging, recipe, options, progress) -> Artifact``
-returning its typed manifest section.
+returning its typed manifest section.  ``progress`` is a :class:`smoledge.progress.Progress`: a target
+calls ``set_postfix_str(step)`` and ``update()`` for each of its three steps, and ``detail(text)`` for what
+a step is doing now (see ``docs/progress.md``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smoledge.errors import ExportError, SmolEdgeError
+from smoledge.progress import Progress
 from smoledge.quantize.recipe import Recipe
 from smoledge.runtime.formats import format_spec
 from smoledge.runtime.manifest import Artifact, Cloud
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,19 @@ def target_module(fmt: str):
     return format_spec(fmt).export_target()
 
 
-def export_bundle(job: ExportJob, *, show_progress: bool = True) -> Path:
-    from tqdm import tqdm
+def export_bundle(job: ExportJob, *, show_progress: bool = True, progress: Progress | None = None) -> Path:
+    """Export ``job``; progress goes to ``progress`` (a new one on stderr when None, silent without
+    ``show_progress``).  The libraries' own tqdm bars (coremltools, transformers) feed its detail line,
+    or are dropped when it is silent."""
+    if progress is None:
+        with Progress("export", enabled=show_progress) as progress:
+            return export_bundle(job, progress=progress)
+    with progress.library_bars():
+        return _export(job, progress)
 
+
+def _export(job: ExportJob, bar: Progress) -> Path:
+    bar.step("loading torch and transformers")
     from smoledge.export.bundle_writer import BundleStaging
     from smoledge.export.describe import describe_model
     from smoledge.export.loader import load_model, load_processor, resolve
@@ -52,26 +64,25 @@ def export_bundle(job: ExportJob, *, show_progress: bool = True) -> Path:
         from smoledge.export.adapter import merge_adapter, resolve_adapter, with_adapter
 
         adapter = resolve_adapter(job.adapter, job.adapter_revision)
-    steps = 2 + 3 * len(modules)
-    with tqdm(total=steps, desc="export", disable=not show_progress, unit="step") as bar:
-        bar.set_postfix_str("loading model")
-        model, processor = load_model(checkpoint), load_processor(checkpoint)
-        if adapter is not None:
-            model, checkpoint = merge_adapter(model, adapter), with_adapter(checkpoint, adapter)
-        bar.update(1)
-        cloud = Cloud(job.cloud_models[0], tuple(job.cloud_models[1:])) if job.cloud_models else Cloud(None, ())
-        base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None, cloud)
-        with BundleStaging(job.out, checkpoint.file_hashes) as staging:
-            artifacts = dict(staging.previous.artifacts) if staging.previous else {}
-            processor.tokenizer.backend_tokenizer.save(str(staging.path(base.tokenizer.file)))
-            for fmt, module in modules.items():
-                options = job.target_options.get(fmt) or module.default_options()
-                artifacts[fmt] = _run_target(module, model, staging, job.recipe, options, bar)
-            memory = dataclasses.replace(base.memory, weight_bytes=max(a.weight_bytes for a in artifacts.values()))
-            manifest = dataclasses.replace(base, memory=memory, artifacts=artifacts)
-            bar.set_postfix_str("writing bundle")
-            path = staging.commit(manifest)
-            bar.update(1)
+    bar.total = 2 + 3 * len(modules)
+    bar.step("loading model")
+    model, processor = load_model(checkpoint), load_processor(checkpoint)
+    if adapter is not None:
+        model, checkpoint = merge_adapter(model, adapter), with_adapter(checkpoint, adapter)
+    bar.advance()
+    cloud = Cloud(job.cloud_models[0], tuple(job.cloud_models[1:])) if job.cloud_models else Cloud(None, ())
+    base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None, cloud)
+    with BundleStaging(job.out, checkpoint.file_hashes) as staging:
+        artifacts = dict(staging.previous.artifacts) if staging.previous else {}
+        processor.tokenizer.backend_tokenizer.save(str(staging.path(base.tokenizer.file)))
+        for fmt, module in modules.items():
+            options = job.target_options.get(fmt) or module.default_options()
+            artifacts[fmt] = _run_target(module, model, staging, job.recipe, options, bar)
+        memory = dataclasses.replace(base.memory, weight_bytes=max(a.weight_bytes for a in artifacts.values()))
+        manifest = dataclasses.replace(base, memory=memory, artifacts=artifacts)
+        bar.step("writing bundle")
+        path = staging.commit(manifest)
+        bar.advance()
     return path
 
 

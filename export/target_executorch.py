@@ -76,13 +76,17 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: ExecutorchTar
     staging.clear_format(FORMAT)
     clock = _Steps(progress)
     clock.start("executorch: quantize + trace")
+    clock.detail("quantizing a copy with torchao")
     prepared, plan = prepare_model(model, recipe)
+    clock.detail(f"torch.export of {', '.join(METHODS)}")
     programs = export_methods(prepared, max_len)
     del prepared
-    clock.start("executorch: lower to XNNPACK")
+    clock.start("executorch: lower to XNNPACK")  # one library call for all methods, no callback: the ticker
     constants = runner_constants(model, max_len)
+    clock.detail(f"to_edge_transform_and_lower of {', '.join(METHODS)}")
     edge = lower(programs, constants)
     delegation = delegation_report(edge)
+    clock.detail("to_executorch (memory planning, quant fusion)")
     program = edge.to_executorch(_backend_config())
     clock.start("executorch: write .pte")
     path = staging.path(PTE_FILE)
@@ -107,6 +111,11 @@ class _Steps:
         if label and self.progress is not None:
             self.progress.set_postfix_str(label)
         self.label, self.since = label, now
+
+    def detail(self, text: str) -> None:
+        """What the step is doing now (a :class:`smoledge.progress.Progress` shows it beside the step)."""
+        if self.progress is not None and hasattr(self.progress, "detail"):
+            self.progress.detail(text)
 
 
 def _require_executorch() -> None:

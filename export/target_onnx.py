@@ -8,6 +8,7 @@ in memory as Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tempfile
 from dataclasses import dataclass
@@ -59,8 +60,10 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
         for name, file_name in GRAPHS.items():
             if progress:
                 progress.set_postfix_str(f"onnx: {file_name}")
+                progress.detail("tracing with torch.onnx")  # no callback inside: the ticker shows its time
             program, spec = EXPORTERS[file_name](model, config)
-            graphs[name] = _finish_graph(program, spec, file_name, staging, recipe, options, Path(tmp), calibration)
+            graphs[name] = _finish_graph(program, spec, file_name, staging, recipe, options, Path(tmp), calibration,
+                                         progress)
             del program
             gc.collect()
             if progress:
@@ -98,28 +101,47 @@ def runtime_requirements(files: list[Path], exported_with: str) -> dict:
 
 
 def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Recipe,
-                  options: OnnxTargetOptions, tmp: Path, calibration=None) -> Graph:
+                  options: OnnxTargetOptions, tmp: Path, calibration=None, progress=None) -> Graph:
     import onnx
     import onnx_ir as ir
 
     from smoledge.export.onnx_export import fuse_for_onnxruntime, name_weight_nodes, save
     from smoledge.quantize.onnx_quant import quantize_model
 
+    say = progress.detail if progress else lambda text: None
     name_weight_nodes(program, name)
     raw = tmp / f"{name}.onnx"
+    say("saving the traced graph")
     save(program, raw)
     proto = onnx.load(str(raw))
-    proto, report = quantize_model(proto, recipe, calibration)
+    say("quantizing weights")
+    with _counting_weights(progress, proto, recipe):
+        proto, report = quantize_model(proto, recipe, calibration)
     quantized = tmp / f"{name}.q.onnx"
+    say("saving the quantized graph")
     onnx.save(proto, str(quantized), save_as_external_data=True, location=f"{name}.q.onnx.data")
     del proto
     program = ir.load(str(quantized))
+    say("fusing for onnxruntime")
     fuse_for_onnxruntime(program, options.ort_fusions)
+    say("writing into the bundle")
     files = save(program, staging.path(f"{FORMAT}/{name}.onnx"))
     rel = [f.relative_to(staging.staging).as_posix() for f in files]
     return Graph(file=rel[0], method=None, files=tuple(rel), inputs=_tensors(spec.inputs),
                  outputs=_tensors(spec.outputs), states={}, dims={}, precision=_precision(report.schemes),
                  bytes=sum(f.stat().st_size for f in files), quantization=report.to_dict())
+
+
+def _counting_weights(progress, proto, recipe: Recipe):
+    """Per-weight progress from onnxruntime's quantizer, whose only signal is a log record per weight; the
+    calibrated schemes run before it, in our own code."""
+    if progress is None:
+        return contextlib.nullcontext()
+    from smoledge.quantize.onnx_quant import _weight_nodes
+
+    names = {n for n in _weight_nodes(proto) if (s := recipe.scheme_for(n)) is not None and not s.calibrated}
+    return progress.counting_logs("onnxruntime.quantization.matmul_nbits_quantizer", "complete quantization of",
+                                  "quantizing weights", names)
 
 
 def _tensors(shapes: dict[str, list]) -> dict[str, Tensor]:

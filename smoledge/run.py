@@ -86,6 +86,7 @@ def prompt_text(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from smoledge.cloud_fallback import answer, format_decision, router_config_from_args
+    from smoledge.progress import first_token_wait
     from smoledge.redact import redact
     from smoledge.runtime.pipeline import Pipeline
     from smoledge.runtime.video import resolve_max_frames
@@ -105,10 +106,12 @@ def main(args: argparse.Namespace) -> int:
 
     result = answer(request, pipe, config=config, on_decision=show)
     pieces = []
-    for chunk in result:
-        pieces.append(chunk.text)
-        if args.stream and chunk.text:
-            print(chunk.text, end="", flush=True)
+    with first_token_wait(result, request) as wait:  # a video: what is decoded before the first token
+        for chunk in result:
+            wait.close()
+            pieces.append(chunk.text)
+            if args.stream and chunk.text:
+                print(chunk.text, end="", flush=True)
     print("" if args.stream else "".join(pieces).strip())
     if args.stats and result.decision.route == "local":
         s = pipe.last_stats
