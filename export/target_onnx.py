@@ -114,7 +114,7 @@ def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Reci
     onnx.save(proto, str(quantized), save_as_external_data=True, location=f"{name}.q.onnx.data")
     del proto
     program = ir.load(str(quantized))
-    fuse_for_onnxruntime(program, options.ort_fusions)
+    fuse_for_onnxruntime(program, None if spec.fused else options.ort_fusions)
     files = save(program, staging.path(f"{FORMAT}/{name}.onnx"))
     rel = [f.relative_to(staging.staging).as_posix() for f in files]
     return Graph(file=rel[0], method=None, files=tuple(rel), inputs=_tensors(spec.inputs),

@@ -1,8 +1,11 @@
 """ONNX Runtime backend: the bundle's three ONNX graphs.
 
 Execution providers are passed through by short name (cpu, cuda, tensorrt, coreml, nnapi, xnnpack) or
-onnxruntime's full name; CPU by default, the others where the installed onnxruntime has them.  The KV cache is a list of numpy arrays fed as ``past_key_values.*``
-and replaced by ``present.*`` each step.
+onnxruntime's full name; CPU by default, the others where the installed onnxruntime has them.
+
+The decoder runs through I/O binding: the KV cache is one preallocated OrtValue per layer and kind, bound as
+both ``past_key_values.*`` and ``present.*`` (GroupQueryAttention writes into it in place), and a step's logits
+(``logits_to_keep`` = 1, prefill included) land in one preallocated [1, 1, vocab] OrtValue.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ def provider_names(names) -> tuple[str, ...]:
 
 @dataclass
 class OnnxCache:
-    past: list[np.ndarray]
+    """One preallocated buffer per layer and kind, [1, kv_heads, capacity, head_dim], bound to the decoder as
+    both ``past_key_values.*`` and ``present.*``: GroupQueryAttention writes each step's keys/values in place."""
+
+    past: list  # onnxruntime.OrtValue
     length: int = 0
     max_length: int = 0
+    logits: object = None  # OrtValue [1, 1, vocab], the bound output of every one-position step
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class OnnxBackend:
 
         options = replace(options, providers=provider_names(options.providers))
         self.options = options
+        self._ort = ort
         section = bundle.artifact(FORMAT)
         available = ort.get_available_providers()
         missing = [p for p in options.providers if p not in available]
@@ -64,7 +72,9 @@ class OnnxBackend:
         decoder = section.graphs["decoder"]
         self.past_names = [n for n in decoder.inputs if n.startswith("past_key_values.")]
         self.present_names = [n for n in decoder.outputs if n.startswith("present.")]
-        self.kv_shape = decoder.inputs[self.past_names[0]].shape  # [batch, heads, past, head_dim]
+        self.kv_shape = decoder.inputs[self.past_names[0]].shape  # [batch, heads, capacity, head_dim]
+        self.vocab_size = int(decoder.outputs["logits"].shape[-1])
+        self._device = "cpu"  # the cache and logits live in host memory, for every provider
 
     def _session(self, ort, bundle: Bundle, graph: Graph, sess_opts):
         path = bundle.file(graph.file)
@@ -95,31 +105,45 @@ class OnnxBackend:
         return self._run("embed_tokens", {"input_ids": input_ids.astype(np.int64)})[0]
 
     def new_cache(self, max_length: int) -> OnnxCache:
+        """Buffers for ``max_length`` positions, allocated once (untouched pages cost no memory until written)."""
         _, heads, _, head_dim = self.kv_shape
-        empty = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
-        return OnnxCache([empty] * len(self.past_names), 0, max_length)
+        new = self._ort.OrtValue.ortvalue_from_shape_and_type
+        past = [new([1, heads, max_length, head_dim], np.float32, self._device) for _ in self.past_names]
+        return OnnxCache(past, 0, max_length, new([1, 1, self.vocab_size], np.float32, self._device))
 
-    def _decode(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
-        """Run the decoder after ``cache``; advance it; the logits of every new position [S, vocab]."""
+    def _decode(self, inputs_embeds: np.ndarray, cache: OnnxCache, keep: int):
+        """Run the decoder on [1,S,hidden] after ``cache`` (written in place); the logits of the last ``keep``
+        positions, as the bound OrtValue."""
         seq = inputs_embeds.shape[1]
         total = cache.length + seq
-        feed = {
-            "inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            "position_ids": np.arange(cache.length, total, dtype=np.int64)[None, :],
-        }
-        feed.update(zip(self.past_names, cache.past))
-        logits, *present = self._run("decoder", feed)
-        cache.past = present
+        if total > cache.max_length:
+            raise BackendError(f"the KV cache holds {cache.max_length} positions; this step needs {total}")
+        binding = self.sessions["decoder"].io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
+        for past, present, value in zip(self.past_names, self.present_names, cache.past):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: GQA appends in place
+        if keep == 1:
+            binding.bind_ortvalue_output("logits", cache.logits)
+        else:
+            binding.bind_output("logits", self._device)
+        try:
+            self.sessions["decoder"].run_with_iobinding(binding)
+        except Exception as err:
+            raise BackendError(f"onnxruntime failed in decoder: {str(err).splitlines()[0][:200]}") from err
         cache.length = total
-        return logits[0]
+        return cache.logits if keep == 1 else binding.get_outputs()[-1]
 
     def step(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
-        return self._decode(inputs_embeds, cache)[-1]
+        """The last position's logits [vocab] (a copy: the bound buffer is reused by the next step)."""
+        return self._decode(inputs_embeds, cache, 1).numpy()[0, -1].copy()
 
     def all_logits(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Teacher-forced logits at every position [S, vocab], in one decoder call on a fresh cache."""
-        return self._decode(inputs_embeds, self.new_cache(inputs_embeds.shape[1]))
+        seq = inputs_embeds.shape[1]
+        return self._decode(inputs_embeds, self.new_cache(seq), seq).numpy()[0].copy()
 
 
 def load(bundle: Bundle, **options) -> OnnxBackend:
