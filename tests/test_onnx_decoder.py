@@ -140,3 +140,20 @@ def test_a_bundle_with_the_old_decoder_is_told_to_re_export(tiny_fp32_bundle, tm
     with pytest.raises(BundleError, match=r"schema 2, older .*re-export|re-export") as err:
         load(old)
     assert "re-export" in (err.value.hint or "") + str(err.value)
+
+
+@pytest.mark.parametrize("mode, at_load, after", [("lazy", False, True), ("keep", True, True), ("release", False, False)])
+def test_the_vision_session_exists_only_when_asked(mode, at_load, after, tiny_fp32_bundle):
+    """lazy: created by the first image (a text-only answer never loads it); keep: at load; release: freed after
+    each image request, so decoding runs without it."""
+    pipe = load(tiny_fp32_bundle, vision_session=mode)
+    assert ("vision_encoder" in pipe.backend.sessions) is at_load
+    assert greedy_tokens(pipe, "one-image", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["one-image"][:4]
+    assert ("vision_encoder" in pipe.backend.sessions) is after
+
+
+def test_an_unknown_vision_session_mode_is_a_config_error(tiny_fp32_bundle):
+    from smoledge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vision_session 'sometimes'"):
+        load(tiny_fp32_bundle, vision_session="sometimes")

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from smoledge.errors import BackendError, BackendUnavailableError, BundleError
+from smoledge.errors import BackendError, BackendUnavailableError, BundleError, ConfigError
 from smoledge.runtime.bundle import Bundle
 from smoledge.runtime.manifest import Graph
 
 FORMAT = "onnx"
+VISION_SESSION = ("lazy", "keep", "release")
 # --providers may name an execution provider by its short name; anything else passes through unchanged.
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider",
@@ -46,6 +47,9 @@ class OnnxOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0  # 0 = onnxruntime's default (all physical cores)
     vision_batch: int = 4  # tiles per vision-encoder call (bounds peak memory)
+    # when the vision encoder's session exists: "lazy" (created by the first image, then kept), "keep" (created
+    # at load), "release" (created per image request and freed after it: least memory while decoding)
+    vision_session: str = "lazy"
 
 
 class OnnxBackend:
@@ -68,7 +72,12 @@ class OnnxBackend:
         if options.threads:
             sess_opts.intra_op_num_threads = options.threads
         sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sessions = {name: self._session(ort, bundle, graph, sess_opts) for name, graph in section.graphs.items()}
+        if options.vision_session not in VISION_SESSION:
+            raise ConfigError(f"vision_session {options.vision_session!r} is not one of {', '.join(VISION_SESSION)}",
+                              hint="lazy (default), keep or release")
+        self._bundle, self._graphs, self._sess_opts = bundle, section.graphs, sess_opts
+        eager = [n for n in section.graphs if n != "vision_encoder" or options.vision_session == "keep"]
+        self.sessions = {name: self._session(ort, bundle, section.graphs[name], sess_opts) for name in eager}
         decoder = section.graphs["decoder"]
         self.past_names = [n for n in decoder.inputs if n.startswith("past_key_values.")]
         self.present_names = [n for n in decoder.outputs if n.startswith("present.")]
@@ -95,10 +104,17 @@ class OnnxBackend:
             raise BackendError(f"onnxruntime failed in {graph}: {str(err).splitlines()[0][:200]}") from err
 
     def encode_images(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
+        if "vision_encoder" not in self.sessions:
+            graph = self._graphs["vision_encoder"]
+            self.sessions["vision_encoder"] = self._session(self._ort, self._bundle, graph, self._sess_opts)
         step = max(1, self.options.vision_batch)
-        parts = [self._run("vision_encoder", {"pixel_values": pixel_values[i:i + step],
-                                              "pixel_attention_mask": pixel_attention_mask[i:i + step]})[0]
-                 for i in range(0, len(pixel_values), step)]
+        try:
+            parts = [self._run("vision_encoder", {"pixel_values": pixel_values[i:i + step],
+                                                  "pixel_attention_mask": pixel_attention_mask[i:i + step]})[0]
+                     for i in range(0, len(pixel_values), step)]
+        finally:
+            if self.options.vision_session == "release":
+                del self.sessions["vision_encoder"]
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
