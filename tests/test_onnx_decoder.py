@@ -157,3 +157,10 @@ def test_an_unknown_vision_session_mode_is_a_config_error(tiny_fp32_bundle):
 
     with pytest.raises(ConfigError, match="vision_session 'sometimes'"):
         load(tiny_fp32_bundle, vision_session="sometimes")
+
+
+def test_the_memory_arena_can_be_turned_off(tiny_fp32_bundle):
+    """memory_arena=False reaches every session (each run's activations freed after it), same tokens."""
+    pipe = load(tiny_fp32_bundle, memory_arena=False, vision_session="keep")
+    assert all(not s.get_session_options().enable_cpu_mem_arena for s in pipe.backend.sessions.values())
+    assert greedy_tokens(pipe, "text-only", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["text-only"][:4]

@@ -50,6 +50,9 @@ class OnnxOptions:
     # when the vision encoder's session exists: "lazy" (created by the first image, then kept), "keep" (created
     # at load), "release" (created per image request and freed after it: least memory while decoding)
     vision_session: str = "lazy"
+    # onnxruntime's CPU arena keeps the largest activations ever needed (a long prefill) for the process's life;
+    # off, each run's activations are freed after it
+    memory_arena: bool = True
 
 
 class OnnxBackend:
@@ -72,6 +75,7 @@ class OnnxBackend:
         if options.threads:
             sess_opts.intra_op_num_threads = options.threads
         sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess_opts.enable_cpu_mem_arena = options.memory_arena
         if options.vision_session not in VISION_SESSION:
             raise ConfigError(f"vision_session {options.vision_session!r} is not one of {', '.join(VISION_SESSION)}",
                               hint="lazy (default), keep or release")
