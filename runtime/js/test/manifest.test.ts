@@ -35,7 +35,7 @@ test("missing sections, no schema_version, not an object", { skip }, () => {
   const m = manifest();
   delete m["tokens"];
   assert.throws(() => parseManifest(m, "b"), /the manifest of b does not match schema 3: \/ must have required property 'tokens'/);
-  assert.throws(() => parseManifest({ ...manifest(), schema_version: 1 }, "b"), /uses manifest schema 1, older than this smoledge reads \(2\) \(re-export it/);
+  assert.throws(() => parseManifest({ ...manifest(), schema_version: 1 }, "b"), /uses manifest schema 1, older than this smoledge reads \(3\) \(re-export it/);
   assert.throws(() => parseManifest({ ...manifest(), schema_version: "1" }, "b"), /has no schema_version/);
   assert.throws(() => parseManifest([], "b"), /is not a JSON object/);
   const noOnnx = manifest();
