@@ -7,10 +7,9 @@ The names follow the onnx-community SmolVLM exports so existing ONNX consumers r
   padding images is not traced; ``bucketize`` becomes a comparison count (identical results, and an op
   every backend has).
 * ``embed_tokens``: input_ids [B,S] -> inputs_embeds [B,S,D].
-* ``decoder_model_merged``: inputs_embeds, attention_mask [B,P+S], position_ids [B,S] and the past
-  key/values (length P, may be 0) -> logits and present key/values.  One graph for prefill and decode.
-  The 4D mask is built here from the 2D one (HF's mask builders use ``torch.vmap``), and the layers are
-  driven directly with a concatenating cache, so no HF mask/cache machinery is traced.
+* ``decoder_model_merged`` is not traced: :mod:`smoledge.export.onnx_decoder` builds it for ONNX Runtime
+  (GroupQueryAttention over a shared KV buffer); its cache names are these modules' ``past_names`` /
+  ``present_names``.
 
 Every module here wraps the model's own submodules: the weights are the model's, the parity tests
 compare each graph with transformers eager.
@@ -102,47 +101,3 @@ class EmbedTokensGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)
-
-
-class _ConcatCache:
-    """The smallest cache the HF attention layers accept: past + new, kept as the graph's present."""
-
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.layers = list(past)
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        past_key, past_value = self.layers[layer_idx]
-        key = torch.cat([past_key, key], dim=2)
-        value = torch.cat([past_value, value], dim=2)
-        self.layers[layer_idx] = (key, value)
-        return key, value
-
-
-def causal_padding_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, P+S] 0/1 -> additive [B, 1, S, P+S]: a query sees keys up to its own position, never padding."""
-    total = attention_mask.shape[1]
-    past = total - query_len
-    q_pos = torch.arange(query_len)[:, None] + past
-    k_pos = torch.arange(total)[None, :]
-    allowed = (k_pos <= q_pos)[None, None, :, :] & (attention_mask[:, None, None, :] > 0)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-class DecoderGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.text = model.model.text_model
-        self.lm_head = model.lm_head
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        cache = _ConcatCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
-        mask = causal_padding_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
-        hidden = inputs_embeds
-        rope = self.text.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.text.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
-                           use_cache=True, position_embeddings=rope)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        logits = self.lm_head(self.text.norm(hidden))
-        present = [t for pair in cache.layers for t in pair]
-        return (logits, *present)

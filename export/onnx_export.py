@@ -1,4 +1,5 @@
-"""Trace the three SmolVLM graphs to ONNX with transformers' own exporter.
+"""The three SmolVLM graphs in ONNX: the vision encoder and embedding traced with transformers' own exporter,
+the decoder built for ONNX Runtime (:mod:`smoledge.export.onnx_decoder`).
 
 ``transformers.exporters.OnnxExporter`` does the work (torch.export + its patch registry + onnxscript
 optimisation + optional ONNX Runtime fusions); this module only supplies the export-friendly modules
@@ -16,19 +17,12 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from smoledge.export.graphs import (
-    DecoderGraph,
-    EmbedTokensGraph,
-    VisionEncoderGraph,
-    past_names,
-    present_names,
-    text_shape,
-)
+from smoledge.export.graphs import EmbedTokensGraph, VisionEncoderGraph
 
 log = logging.getLogger(__name__)
 
 # Sample sizes must not be 0 or 1 on a dynamic axis (torch.export specialises those).
-_BATCH, _SEQ, _PAST, _TILES = 2, 5, 3, 2
+_BATCH, _SEQ, _TILES = 2, 5, 2
 
 
 @dataclass(frozen=True)
@@ -44,17 +38,7 @@ class GraphSpec:
     name: str
     inputs: dict[str, list]
     outputs: dict[str, list]
-
-
-class _DecoderKwargs(torch.nn.Module):
-    """Takes the past as one list so torch.export can name a dynamic shape per entry."""
-
-    def __init__(self, decoder: DecoderGraph):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
-        return self.decoder(inputs_embeds, attention_mask, position_ids, *past_key_values)
+    fused: bool = False  # built with ONNX Runtime's fused ops already (no fusion pass after quantization)
 
 
 def _export(module, sample: dict, dynamic_shapes: dict, config: OnnxExportConfig):
@@ -103,17 +87,9 @@ def embed_spec(model) -> GraphSpec:
 
 
 def decoder_spec(model) -> GraphSpec:
-    ts = text_shape(model)
-    kv = lambda length: ["batch_size", ts.num_kv_heads, length, ts.head_dim]  # noqa: E731
-    inputs = {
-        "inputs_embeds": ["batch_size", "sequence_length", ts.hidden_size],
-        "attention_mask": ["batch_size", "total_sequence_length"],
-        "position_ids": ["batch_size", "sequence_length"],
-    }
-    inputs.update({name: kv("past_sequence_length") for name in past_names(ts.num_layers)})
-    outputs = {"logits": ["batch_size", "sequence_length", ts.vocab_size]}
-    outputs.update({name: kv("total_sequence_length") for name in present_names(ts.num_layers)})
-    return GraphSpec("decoder_model_merged", inputs, outputs)
+    from smoledge.export.onnx_decoder import decoder_io
+
+    return GraphSpec("decoder_model_merged", *decoder_io(model), fused=True)
 
 
 def export_vision(model, config: OnnxExportConfig):
@@ -139,25 +115,10 @@ def export_embed(model, config: OnnxExportConfig):
 
 
 def export_decoder(model, config: OnnxExportConfig):
-    ts = text_shape(model)
-    names = past_names(ts.num_layers)
-    sample = {
-        "inputs_embeds": torch.randn(_BATCH, _SEQ, ts.hidden_size),
-        "attention_mask": torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64),
-        "position_ids": torch.arange(_PAST, _PAST + _SEQ)[None].repeat(_BATCH, 1),
-        "past_key_values": [torch.randn(_BATCH, ts.num_kv_heads, _PAST, ts.head_dim) for _ in names],
-    }
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
-    dynamic = {
-        "inputs_embeds": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: Dim.AUTO},
-        "position_ids": {0: batch, 1: seq},
-        "past_key_values": [{0: batch, 2: past} for _ in names],
-    }
-    program = _export(_DecoderKwargs(DecoderGraph(model)), sample, dynamic, config)
-    spec = decoder_spec(model)
-    _name_io(program, spec)
-    return program, spec
+    """Built op by op for ONNX Runtime (GroupQueryAttention, a shared KV buffer), not traced: onnx_decoder."""
+    from smoledge.export.onnx_decoder import build
+
+    return build(model), decoder_spec(model)
 
 
 EXPORTERS = {"vision_encoder": export_vision, "embed_tokens": export_embed, "decoder_model_merged": export_decoder}

@@ -38,6 +38,10 @@ RUNTIME_FLOOR = "1.22"  # the oldest onnxruntime the runtimes are tested with (r
 
 
 
+BUILT_GRAPHS = {"decoder_model_merged"}  # built op by op (export/onnx_decoder.py), not traced
+BUILT_GRAPH_STEP = "building the GroupQueryAttention graph"
+
+
 @dataclass(frozen=True)
 class OnnxTargetOptions:
     ort_fusions: str | None = "cpu"
@@ -60,7 +64,8 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
         for name, file_name in GRAPHS.items():
             if progress:
                 progress.set_postfix_str(f"onnx: {file_name}")
-                progress.detail("tracing with torch.onnx")  # no callback inside: the ticker shows its time
+                # no callback inside either: the ticker shows the step's time
+                progress.detail(BUILT_GRAPH_STEP if file_name in BUILT_GRAPHS else "tracing with torch.onnx")
             program, spec = EXPORTERS[file_name](model, config)
             graphs[name] = _finish_graph(program, spec, file_name, staging, recipe, options, Path(tmp), calibration,
                                          progress)
@@ -123,7 +128,7 @@ def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Reci
     del proto
     program = ir.load(str(quantized))
     say("fusing for onnxruntime")
-    fuse_for_onnxruntime(program, options.ort_fusions)
+    fuse_for_onnxruntime(program, None if spec.fused else options.ort_fusions)
     say("writing into the bundle")
     files = save(program, staging.path(f"{FORMAT}/{name}.onnx"))
     rel = [f.relative_to(staging.staging).as_posix() for f in files]

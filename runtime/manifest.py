@@ -26,7 +26,8 @@ from smoledge.errors import BundleError, SmolEdgeError
 from smoledge.runtime.preprocess import ImageProcessorConfig
 from smoledge.runtime.video import VideoConfig
 
-SCHEMA_VERSION = 2
+# 3: the ONNX decoder is GroupQueryAttention over a shared KV buffer, takes logits_to_keep, no position_ids
+SCHEMA_VERSION = 3
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "decoder")
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 

@@ -30,7 +30,8 @@ def test_vision_graph_matches_get_image_features(fp32_pipe, tiny_model_and_proce
 
 
 def test_decoder_graph_batch_and_padding(tiny_fp32_bundle, tiny_model_and_processor):
-    """The merged decoder takes batch > 1, left padding and a non-empty past, like HF with a mask."""
+    """The decoder takes batch > 1 and padding, like HF with a mask.  GroupQueryAttention's padding is on the
+    right (seqlens_k = each row's valid length - 1), so row 1 is right-padded here."""
     import onnxruntime as ort
 
     model, _ = tiny_model_and_processor
@@ -39,16 +40,16 @@ def test_decoder_graph_batch_and_padding(tiny_fp32_bundle, tiny_model_and_proces
     torch.manual_seed(1)
     ids = torch.randint(10, cfg.vocab_size, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.int64)
-    mask[1, :2] = 0  # left padding on row 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    mask[1, 4:] = 0  # right padding on row 1
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
+        ref = [model(input_ids=ids[:1]).logits.numpy()[0], model(input_ids=ids[1:, :4]).logits.numpy()[0]]
         embeds = model.get_input_embeddings()(ids).numpy()
     heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    feed = {"inputs_embeds": embeds, "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    feed = {"inputs_embeds": embeds, "attention_mask": mask.numpy(), "logits_to_keep": np.array([6])}
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values"):
-            feed[inp.name] = np.zeros((2, heads, 0, head_dim), np.float32)
+            feed[inp.name] = np.zeros((2, heads, 6, head_dim), np.float32)
     logits = sess.run(["logits"], feed)[0]
-    np.testing.assert_allclose(logits[0], ref[0], atol=1e-4 * np.abs(ref).max())
-    np.testing.assert_allclose(logits[1, 2:], ref[1, 2:], atol=1e-4 * np.abs(ref).max())
+    scale = max(np.abs(r).max() for r in ref)
+    np.testing.assert_allclose(logits[0], ref[0], atol=1e-4 * scale)
+    np.testing.assert_allclose(logits[1, :4], ref[1], atol=1e-4 * scale)

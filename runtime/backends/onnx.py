@@ -1,8 +1,11 @@
 """ONNX Runtime backend: the bundle's three ONNX graphs.
 
 Execution providers are passed through by short name (cpu, cuda, tensorrt, coreml, nnapi, xnnpack) or
-onnxruntime's full name; CPU by default, the others where the installed onnxruntime has them.  The KV cache is a list of numpy arrays fed as ``past_key_values.*``
-and replaced by ``present.*`` each step.
+onnxruntime's full name; CPU by default, the others where the installed onnxruntime has them.
+
+The decoder runs through I/O binding: the KV cache is one preallocated OrtValue per layer and kind, bound as
+both ``past_key_values.*`` and ``present.*`` (GroupQueryAttention writes into it in place), and a step's logits
+(``logits_to_keep`` = 1, prefill included) land in one preallocated [1, 1, vocab] OrtValue.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from smoledge.errors import BackendError, BackendUnavailableError, BundleError
+from smoledge.errors import BackendError, BackendUnavailableError, BundleError, ConfigError
 from smoledge.runtime.bundle import Bundle
 from smoledge.runtime.manifest import Graph
 
 FORMAT = "onnx"
+VISION_SESSION = ("lazy", "keep", "release")
 # --providers may name an execution provider by its short name; anything else passes through unchanged.
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider",
@@ -29,9 +33,13 @@ def provider_names(names) -> tuple[str, ...]:
 
 @dataclass
 class OnnxCache:
-    past: list[np.ndarray]
+    """One preallocated buffer per layer and kind, [1, kv_heads, capacity, head_dim], bound to the decoder as
+    both ``past_key_values.*`` and ``present.*``: GroupQueryAttention writes each step's keys/values in place."""
+
+    past: list  # onnxruntime.OrtValue
     length: int = 0
     max_length: int = 0
+    logits: object = None  # OrtValue [1, 1, vocab], the bound output of every one-position step
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,12 @@ class OnnxOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0  # 0 = onnxruntime's default (all physical cores)
     vision_batch: int = 4  # tiles per vision-encoder call (bounds peak memory)
+    # when the vision encoder's session exists: "lazy" (created by the first image, then kept), "keep" (created
+    # at load), "release" (created per image request and freed after it: least memory while decoding)
+    vision_session: str = "lazy"
+    # onnxruntime's CPU arena keeps the largest activations ever needed (a long prefill) for the process's life;
+    # off, each run's activations are freed after it
+    memory_arena: bool = True
 
 
 class OnnxBackend:
@@ -49,6 +63,7 @@ class OnnxBackend:
 
         options = replace(options, providers=provider_names(options.providers))
         self.options = options
+        self._ort = ort
         section = bundle.artifact(FORMAT)
         available = ort.get_available_providers()
         missing = [p for p in options.providers if p not in available]
@@ -60,11 +75,19 @@ class OnnxBackend:
         if options.threads:
             sess_opts.intra_op_num_threads = options.threads
         sess_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sessions = {name: self._session(ort, bundle, graph, sess_opts) for name, graph in section.graphs.items()}
+        sess_opts.enable_cpu_mem_arena = options.memory_arena
+        if options.vision_session not in VISION_SESSION:
+            raise ConfigError(f"vision_session {options.vision_session!r} is not one of {', '.join(VISION_SESSION)}",
+                              hint="lazy (default), keep or release")
+        self._bundle, self._graphs, self._sess_opts = bundle, section.graphs, sess_opts
+        eager = [n for n in section.graphs if n != "vision_encoder" or options.vision_session == "keep"]
+        self.sessions = {name: self._session(ort, bundle, section.graphs[name], sess_opts) for name in eager}
         decoder = section.graphs["decoder"]
         self.past_names = [n for n in decoder.inputs if n.startswith("past_key_values.")]
         self.present_names = [n for n in decoder.outputs if n.startswith("present.")]
-        self.kv_shape = decoder.inputs[self.past_names[0]].shape  # [batch, heads, past, head_dim]
+        self.kv_shape = decoder.inputs[self.past_names[0]].shape  # [batch, heads, capacity, head_dim]
+        self.vocab_size = int(decoder.outputs["logits"].shape[-1])
+        self._device = "cpu"  # the cache and logits live in host memory, for every provider
 
     def _session(self, ort, bundle: Bundle, graph: Graph, sess_opts):
         path = bundle.file(graph.file)
@@ -85,41 +108,62 @@ class OnnxBackend:
             raise BackendError(f"onnxruntime failed in {graph}: {str(err).splitlines()[0][:200]}") from err
 
     def encode_images(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
+        if "vision_encoder" not in self.sessions:
+            graph = self._graphs["vision_encoder"]
+            self.sessions["vision_encoder"] = self._session(self._ort, self._bundle, graph, self._sess_opts)
         step = max(1, self.options.vision_batch)
-        parts = [self._run("vision_encoder", {"pixel_values": pixel_values[i:i + step],
-                                              "pixel_attention_mask": pixel_attention_mask[i:i + step]})[0]
-                 for i in range(0, len(pixel_values), step)]
+        try:
+            parts = [self._run("vision_encoder", {"pixel_values": pixel_values[i:i + step],
+                                                  "pixel_attention_mask": pixel_attention_mask[i:i + step]})[0]
+                     for i in range(0, len(pixel_values), step)]
+        finally:
+            if self.options.vision_session == "release":
+                del self.sessions["vision_encoder"]
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run("embed_tokens", {"input_ids": input_ids.astype(np.int64)})[0]
 
     def new_cache(self, max_length: int) -> OnnxCache:
+        """Buffers for ``max_length`` positions, allocated once (untouched pages cost no memory until written)."""
         _, heads, _, head_dim = self.kv_shape
-        empty = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
-        return OnnxCache([empty] * len(self.past_names), 0, max_length)
+        new = self._ort.OrtValue.ortvalue_from_shape_and_type
+        past = [new([1, heads, max_length, head_dim], np.float32, self._device) for _ in self.past_names]
+        return OnnxCache(past, 0, max_length, new([1, 1, self.vocab_size], np.float32, self._device))
 
-    def _decode(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
-        """Run the decoder after ``cache``; advance it; the logits of every new position [S, vocab]."""
+    def _decode(self, inputs_embeds: np.ndarray, cache: OnnxCache, keep: int):
+        """Run the decoder on [1,S,hidden] after ``cache`` (written in place); the logits of the last ``keep``
+        positions, as the bound OrtValue."""
         seq = inputs_embeds.shape[1]
         total = cache.length + seq
-        feed = {
-            "inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            "position_ids": np.arange(cache.length, total, dtype=np.int64)[None, :],
-        }
-        feed.update(zip(self.past_names, cache.past))
-        logits, *present = self._run("decoder", feed)
-        cache.past = present
+        if total > cache.max_length:
+            raise BackendError(f"the KV cache holds {cache.max_length} positions; this step needs {total}")
+        binding = self.sessions["decoder"].io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
+        for past, present, value in zip(self.past_names, self.present_names, cache.past):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: GQA appends in place
+        if keep == 1:
+            binding.bind_ortvalue_output("logits", cache.logits)
+        else:
+            binding.bind_output("logits", self._device)
+        try:
+            self.sessions["decoder"].run_with_iobinding(binding)
+        except Exception as err:
+            raise BackendError(f"onnxruntime failed in decoder: {str(err).splitlines()[0][:200]}") from err
         cache.length = total
-        return logits[0]
+        return cache.logits if keep == 1 else binding.get_outputs()[-1]
 
     def step(self, inputs_embeds: np.ndarray, cache: OnnxCache) -> np.ndarray:
-        return self._decode(inputs_embeds, cache)[-1]
+        """The last position's logits [vocab] (a copy: the bound buffer is reused by the next step)."""
+        return self._decode(inputs_embeds, cache, 1).numpy()[0, -1].copy()
 
     def all_logits(self, inputs_embeds: np.ndarray) -> np.ndarray:
         """Teacher-forced logits at every position [S, vocab], in one decoder call on a fresh cache."""
-        return self._decode(inputs_embeds, self.new_cache(inputs_embeds.shape[1]))
+        seq = inputs_embeds.shape[1]
+        return self._decode(inputs_embeds, self.new_cache(seq), seq).numpy()[0].copy()
 
 
 def load(bundle: Bundle, **options) -> OnnxBackend:

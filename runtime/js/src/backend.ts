@@ -3,8 +3,12 @@
  * in browsers (onnxruntime-web) and in React Native (onnxruntime-react-native): the platform passes in its
  * `ort` module and a way to create each graph's session (a file path on Node, bytes + external data on the web).
  *
- * As the Python `OnnxBackend`: the KV cache is the list of `past_key_values.*` tensors, replaced by the
- * decoder's `present.*` outputs each step; the vision encoder runs `visionBatch` tiles per call; execution
+ * As the Python `OnnxBackend`: the KV cache is one preallocated [1, kv_heads, capacity, head_dim] tensor per
+ * layer and kind, fed as `past_key_values.*` and fetched as `present.*` into the same tensor, so
+ * GroupQueryAttention appends in place where the runtime binds the given output buffer (onnxruntime-node);
+ * a runtime that returns fresh outputs instead (onnxruntime-web copies to and from its heap) is still
+ * correct, as the cache takes whatever `present.*` came back. The decoder computes `logits_to_keep` = 1
+ * position's logits, prefill included. The vision encoder runs `visionBatch` tiles per call; execution
  * providers are passed through.
  */
 
@@ -41,6 +45,8 @@ export function sessionOptions(options: OnnxOptions): InferenceSession.SessionOp
 export interface KvCache {
   past: Tensor[];
   length: number;
+  readonly capacity: number;
+  logits: Tensor;
 }
 
 export class OnnxBackend implements StepModel<KvCache> {
@@ -48,6 +54,7 @@ export class OnnxBackend implements StepModel<KvCache> {
   private readonly presentNames: string[];
   private readonly heads: number;
   private readonly headDim: number;
+  private readonly vocabSize: number;
   readonly hiddenSize: number;
 
   private constructor(private readonly ort: OrtModule, private readonly sessions: Record<keyof OnnxGraphs, InferenceSession>,
@@ -57,6 +64,7 @@ export class OnnxBackend implements StepModel<KvCache> {
     const shape = graphs.decoder.inputs[this.pastNames[0]!]!; // [batch, heads, past, head_dim]
     this.heads = Number(shape[1]);
     this.headDim = Number(shape[3]);
+    this.vocabSize = Number(graphs.decoder.outputs["logits"]![2]);
     this.hiddenSize = hiddenSize;
   }
 
@@ -68,9 +76,10 @@ export class OnnxBackend implements StepModel<KvCache> {
     return new OnnxBackend(ort, sessions, graphs, hiddenSize, Math.max(1, options.visionBatch ?? 4));
   }
 
-  private async run(role: keyof OnnxGraphs, feeds: Record<string, Tensor>): Promise<InferenceSession.ReturnType> {
+  private async run(role: keyof OnnxGraphs, feeds: Record<string, Tensor>,
+    fetches?: Record<string, Tensor>): Promise<InferenceSession.ReturnType> {
     try {
-      return await this.sessions[role].run(feeds);
+      return await (fetches ? this.sessions[role].run(feeds, fetches) : this.sessions[role].run(feeds));
     } catch (err) {
       const message = String((err as Error)?.message ?? err).split("\n")[0]!.slice(0, 200);
       throw new BackendError(`onnxruntime failed in ${role}: ${message}`, { cause: err });
@@ -98,27 +107,33 @@ export class OnnxBackend implements StepModel<KvCache> {
     return Object.values(out)[0]!.data as Float32Array;
   }
 
-  newCache(): KvCache {
-    const empty = new this.ort.Tensor("float32", new Float32Array(0), [1, this.heads, 0, this.headDim]);
-    return { past: this.pastNames.map(() => empty), length: 0 };
+  /** Buffers for `capacity` positions (the prompt plus the new tokens), allocated once. */
+  newCache(capacity: number): KvCache {
+    const past = this.pastNames.map(() => new this.ort.Tensor("float32", new Float32Array(this.heads * capacity * this.headDim),
+      [1, this.heads, capacity, this.headDim]));
+    const logits = new this.ort.Tensor("float32", new Float32Array(this.vocabSize), [1, 1, this.vocabSize]);
+    return { past, length: 0, capacity, logits };
   }
 
-  /** Run the decoder on [1,S,hidden] after what `cache` holds; returns the last position's logits. */
+  /** Run the decoder on [1,S,hidden] after what `cache` holds; returns the last position's logits (a copy). */
   async step(inputsEmbeds: Float32Array, cache: KvCache): Promise<Float32Array> {
     const seq = inputsEmbeds.length / this.hiddenSize;
     const total = cache.length + seq;
+    if (total > cache.capacity) {
+      throw new BackendError(`the KV cache holds ${cache.capacity} positions; this step needs ${total}`);
+    }
     const feeds: Record<string, Tensor> = {
       inputs_embeds: new this.ort.Tensor("float32", inputsEmbeds, [1, seq, this.hiddenSize]),
       attention_mask: new this.ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
-      position_ids: new this.ort.Tensor("int64", BigInt64Array.from({ length: seq }, (_, i) => BigInt(cache.length + i)), [1, seq]),
+      logits_to_keep: new this.ort.Tensor("int64", BigInt64Array.of(1n), [1]),
     };
-    this.pastNames.forEach((name, i) => { feeds[name] = cache.past[i]!; });
-    const out = await this.run("decoder", feeds);
-    const logits = out["logits"]!;
+    const fetches: Record<string, Tensor> = { logits: cache.logits };
+    this.pastNames.forEach((name, i) => { feeds[name] = cache.past[i]!; fetches[this.presentNames[i]!] = cache.past[i]!; });
+    const out = await this.run("decoder", feeds, fetches);
     cache.past = this.presentNames.map((name) => out[name]!);
+    cache.logits = out["logits"]!;
     cache.length = total;
-    const vocab = Number(logits.dims[2]);
-    return (logits.data as Float32Array).slice((seq - 1) * vocab, seq * vocab);
+    return (cache.logits.data as Float32Array).slice(0, this.vocabSize);
   }
 
   async release(): Promise<void> {

@@ -13,7 +13,7 @@ import Ajv2020 from "ajv/dist/2020.js";
 import { BundleError } from "./errors.js";
 import schema from "../schema/manifest.schema.json" with { type: "json" };
 
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 
 export interface ImageConfig {
   readonly tile_size: number;

@@ -105,7 +105,7 @@ export class Pipeline {
     stats.imageTiles = prepared.images?.nTiles ?? 0;
     const embeds = await this.promptEmbeds(prepared);
     const cfg = this.sampling(request);
-    const steps = generateStep(this.backend, embeds, this.backend.newCache(), new Sampler(cfg), cfg.maxNewTokens, options.signal);
+    const steps = generateStep(this.backend, embeds, this.backend.newCache(prepared.inputIds.length + cfg.maxNewTokens), new Sampler(cfg), cfg.maxNewTokens, options.signal);
     for await (const chunk of streamGenerate(steps, this.tokenizer, this.eosTokenIds, cfg.stop ?? [], cfg.maxNewTokens)) {
       stats.completionTokens += 1;
       if (stats.completionTokens === 1) stats.timeToFirstTokenMs = performance.now() - start;

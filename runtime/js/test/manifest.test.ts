@@ -26,7 +26,7 @@ test("schema violations are one BundleError listing every problem", { skip }, ()
   m["generation"]["eos_token_ids"] = "none";
   assert.throws(() => parseManifest(m, "b"), (err: Error) => {
     assert.ok(err instanceof BundleError);
-    assert.match(err.message, /^the manifest of b does not match schema 2: .*\/image\/tile_size must be integer.*\/generation\/eos_token_ids must be array/);
+    assert.match(err.message, /^the manifest of b does not match schema 3: .*\/image\/tile_size must be integer.*\/generation\/eos_token_ids must be array/);
     return true;
   });
 });
@@ -34,8 +34,8 @@ test("schema violations are one BundleError listing every problem", { skip }, ()
 test("missing sections, no schema_version, not an object", { skip }, () => {
   const m = manifest();
   delete m["tokens"];
-  assert.throws(() => parseManifest(m, "b"), /the manifest of b does not match schema 2: \/ must have required property 'tokens'/);
-  assert.throws(() => parseManifest({ ...manifest(), schema_version: 1 }, "b"), /uses manifest schema 1, older than this smoledge reads \(2\) \(re-export it/);
+  assert.throws(() => parseManifest(m, "b"), /the manifest of b does not match schema 3: \/ must have required property 'tokens'/);
+  assert.throws(() => parseManifest({ ...manifest(), schema_version: 1 }, "b"), /uses manifest schema 1, older than this smoledge reads \(3\) \(re-export it/);
   assert.throws(() => parseManifest({ ...manifest(), schema_version: "1" }, "b"), /has no schema_version/);
   assert.throws(() => parseManifest([], "b"), /is not a JSON object/);
   const noOnnx = manifest();

@@ -1,0 +1,166 @@
+"""The lean ONNX decoder (issue 14): GroupQueryAttention over a preallocated KV buffer shared in place,
+logits for the positions asked for only, and the all-positions path fidelity scoring uses.
+
+``tests/fixtures/decoder_tokens_v2.json`` holds the greedy tokens of the decoder before this change (the
+concatenating-cache graph), recorded on the tiny model for 32 steps: text only, one image, two images, on the
+fp32 and the default int4 bundles.  The new decoder must give the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_image
+from smoledge.runtime import ChatRequest, Message, SamplingConfig, load
+from smoledge.runtime.generate import Sampler, generate_step
+
+FIXTURE = Path(__file__).parent / "fixtures" / "decoder_tokens_v2.json"
+STEPS = 32
+TEXT = "What is in this image?"
+CASES = {"text-only": [], "one-image": [(100, 70)], "two-images": [(60, 60), (200, 90)]}
+
+
+def greedy_tokens(pipe, case: str, steps: int = STEPS) -> list[int]:
+    """``steps`` greedy tokens (EOS ignored) of the tiny model on one of CASES."""
+    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    request = ChatRequest((Message.user(TEXT, images),), SamplingConfig(max_new_tokens=steps))
+    prepared = pipe.prepare(request)
+    cache = pipe.backend.new_cache(prepared.input_ids.shape[1] + steps)
+    sampler = Sampler(SamplingConfig(temperature=0.0))
+    return [token for token, _ in generate_step(pipe.backend, pipe.prompt_embeds(prepared), cache, sampler, steps)]
+
+
+def record(bundles: dict[str, Path]) -> dict:
+    """The fixture's content for ``bundles`` ({recipe: bundle}); run once on the decoder being replaced."""
+    return {"steps": STEPS, "text": TEXT, "cases": CASES,
+            "tokens": {recipe: {case: greedy_tokens(load(path), case) for case in CASES}
+                       for recipe, path in bundles.items()}}
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int4"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_tokens_equal_the_decoder_before_gqa(recipe, case, recorded, tiny_fp32_bundle, tiny_int4_bundle):
+    bundle = {"fp32": tiny_fp32_bundle, "int4": tiny_int4_bundle}[recipe]
+    assert greedy_tokens(_pipe(bundle), case) == recorded["tokens"][recipe][case]
+
+
+_PIPES: dict = {}
+
+
+def _pipe(bundle: Path):
+    if bundle not in _PIPES:
+        _PIPES[bundle] = load(bundle)
+    return _PIPES[bundle]
+
+
+def _prompt_embeds(pipe, case: str = "one-image") -> np.ndarray:
+    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    prepared = pipe.prepare(ChatRequest((Message.user(TEXT, images),), SamplingConfig(max_new_tokens=4)))
+    return pipe.prompt_embeds(prepared)
+
+
+def test_prefill_computes_the_last_position_only(tiny_fp32_bundle):
+    """Generation asks for logits_to_keep = 1, prefill included: the graph's logits are [1, 1, vocab]."""
+    backend = _pipe(tiny_fp32_bundle).backend
+    embeds = _prompt_embeds(_pipe(tiny_fp32_bundle))
+    cache = backend.new_cache(embeds.shape[1] + 1)
+    logits = backend._decode(embeds, cache, 1)
+    assert logits.shape() == [1, 1, backend.vocab_size] and embeds.shape[1] > 1
+    assert logits.data_ptr() == cache.logits.data_ptr()  # the preallocated output, not a fresh one
+
+
+def test_all_logits_equal_stepwise_logits(tiny_fp32_bundle):
+    """Fidelity scoring's all-positions path (one call, logits_to_keep = S) equals one step per position."""
+    backend = _pipe(tiny_fp32_bundle).backend
+    embeds = _prompt_embeds(_pipe(tiny_fp32_bundle), "text-only")
+    every = backend.all_logits(embeds)
+    cache = backend.new_cache(embeds.shape[1])
+    stepwise = np.stack([backend.step(embeds[:, i:i + 1], cache) for i in range(embeds.shape[1])])
+    assert every.shape == stepwise.shape == (embeds.shape[1], backend.vocab_size)
+    np.testing.assert_allclose(every, stepwise, rtol=0, atol=1e-5 * np.abs(stepwise).max())
+
+
+def test_the_cache_is_written_in_place(tiny_fp32_bundle):
+    """Each step writes its keys/values into the same preallocated buffers (bound as past and present): the
+    buffers keep their address and capacity, earlier positions stay as they were, the new one is written."""
+    backend = _pipe(tiny_fp32_bundle).backend
+    embeds = _prompt_embeds(_pipe(tiny_fp32_bundle), "text-only")
+    capacity = embeds.shape[1] + 4
+    cache = backend.new_cache(capacity)
+    addresses = [value.data_ptr() for value in cache.past]
+    backend.step(embeds, cache)
+    for _ in range(3):
+        before = [value.numpy().copy() for value in cache.past]
+        backend.step(embeds[:, :1], cache)
+        for value, old in zip(cache.past, before):
+            now = value.numpy()
+            np.testing.assert_array_equal(now[:, :, :cache.length - 1], old[:, :, :cache.length - 1])
+            assert not np.array_equal(now[:, :, cache.length - 1], old[:, :, cache.length - 1])
+    assert [value.data_ptr() for value in cache.past] == addresses
+    assert all(value.shape()[2] == capacity for value in cache.past)
+
+
+def test_a_step_past_the_cache_is_a_clear_error(tiny_fp32_bundle):
+    from smoledge.errors import BackendError
+
+    backend = _pipe(tiny_fp32_bundle).backend
+    cache = backend.new_cache(2)
+    backend.step(np.zeros((1, 2, _hidden(backend)), np.float32), cache)
+    with pytest.raises(BackendError, match="KV cache holds 2 positions"):
+        backend.step(np.zeros((1, 1, _hidden(backend)), np.float32), cache)
+
+
+def _hidden(backend) -> int:
+    return int(backend.sessions["decoder"].get_inputs()[0].shape[-1])
+
+
+def test_a_bundle_with_the_old_decoder_is_told_to_re_export(tiny_fp32_bundle, tmp_path):
+    """A schema-2 bundle (its decoder concatenated the cache and took position_ids) gets the manifest's one-line
+    "re-export" error, not an onnxruntime failure mid-answer."""
+    import shutil
+
+    from smoledge.errors import BundleError
+
+    old = shutil.copytree(tiny_fp32_bundle, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    decoder = manifest["artifacts"]["onnx"]["graphs"]["decoder"]
+    decoder["inputs"].pop("logits_to_keep")
+    decoder["inputs"]["position_ids"] = {"shape": ["batch_size", "sequence_length"], "dtype": None}
+    manifest["schema_version"] = 2
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"schema 2, older .*re-export|re-export") as err:
+        load(old)
+    assert "re-export" in (err.value.hint or "") + str(err.value)
+
+
+@pytest.mark.parametrize("mode, at_load, after", [("lazy", False, True), ("keep", True, True), ("release", False, False)])
+def test_the_vision_session_exists_only_when_asked(mode, at_load, after, tiny_fp32_bundle):
+    """lazy: created by the first image (a text-only answer never loads it); keep: at load; release: freed after
+    each image request, so decoding runs without it."""
+    pipe = load(tiny_fp32_bundle, vision_session=mode)
+    assert ("vision_encoder" in pipe.backend.sessions) is at_load
+    assert greedy_tokens(pipe, "one-image", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["one-image"][:4]
+    assert ("vision_encoder" in pipe.backend.sessions) is after
+
+
+def test_an_unknown_vision_session_mode_is_a_config_error(tiny_fp32_bundle):
+    from smoledge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vision_session 'sometimes'"):
+        load(tiny_fp32_bundle, vision_session="sometimes")
+
+
+def test_the_memory_arena_can_be_turned_off(tiny_fp32_bundle):
+    """memory_arena=False reaches every session (each run's activations freed after it), same tokens."""
+    pipe = load(tiny_fp32_bundle, memory_arena=False, vision_session="keep")
+    assert all(not s.get_session_options().enable_cpu_mem_arena for s in pipe.backend.sessions.values())
+    assert greedy_tokens(pipe, "text-only", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["text-only"][:4]
