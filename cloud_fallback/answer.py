@@ -41,7 +41,6 @@ from .config import PolicyConfig, RouterConfig, hub_offline
 from .engine import LocalEngine
 from .local_run import LocalRun, LocalTimeout
 from .policy import (
-    DEADLINE_MARGIN,
     Decision,
     LocalHealth,
     decide,
@@ -194,8 +193,7 @@ class Answer(Iterator[StreamChunk]):
 
     def _local_instead(self, err: CloudError) -> Decision | None:
         """A request the cloud could not take runs locally where it can: over the spend cap when it was sent away
-        only because local looked unhealthy; after any cloud failure when it was sent away only for a predicted
-        deadline miss and local may still make what is left of the deadline."""
+        only because local looked unhealthy; with --deadline, after any cloud failure (see below)."""
         if self.local_tried or self.engine is None or self.shape is None:
             return None
         if isinstance(err, CloudCreditError) and getattr(err, "status", "") == "spend_cap":
@@ -205,12 +203,19 @@ class Answer(Iterator[StreamChunk]):
             cap = err.__cause__ if isinstance(err.__cause__, CloudCreditError) else err  # without the routing note
             return Decision("local", "spend-cap", f"{cap.message}; answered locally instead ({fits.reason})",
                             fallback_allowed=False, estimate=fits.estimate)
-        first = self.decisions[0]
-        if first.code != "deadline" or self.policy.deadline_s is None:
+        return self._local_before_deadline(err)
+
+    def _local_before_deadline(self, err: CloudError) -> Decision | None:
+        """With --deadline, a request sent away for a predicted miss or an unhealthy local engine runs locally
+        after the cloud failed, when it fits here and its prediction (if calibrated) makes what is left."""
+        if self.decisions[0].code not in ("deadline", "local-unhealthy") or self.policy.deadline_s is None:
             return None
         left = self.started + self.policy.deadline_s - time.monotonic()
-        est = first.estimate
-        if left <= 0 or (est is not None and est.calibrated and est.total_s > DEADLINE_MARGIN * left):
+        relaxed = replace(self.policy, deadline_s=None, first_token_deadline_s=None)
+        fits = decide(self.shape, self.engine.manifest, self.profile, LocalHealth(), relaxed,
+                      engine_format(self.engine))
+        est = fits.estimate
+        if fits.route != "local" or left <= 0 or (est is not None and est.calibrated and est.total_s > left):
             return None
         cause = err.__cause__ if isinstance(err.__cause__, CloudError) else err
         return Decision("local", "cloud-failed", f"the cloud failed ({describe_error(cause)}); answered locally "
