@@ -74,6 +74,7 @@ class Estimate:
     first_token_s: float
     total_s: float
     context_limit: int
+    fixed_bytes: int = 0  # measured: the loaded runtime with its weights; formula: the weights
     memory_source: str = "formula"  # "calibrated", "measured at export" or "formula"
     speed_source: str = "profile"  # the profile's SpeedFigures.source
 
@@ -180,20 +181,21 @@ def estimate(shape: RequestShape, manifest: Manifest, profile: DeviceProfile, ba
     tokens = shape.prompt_tokens + shape.max_new_tokens
     encodes = shape.image_tiles + shape.video_frames
     measured, source = memory_figures(manifest, profile, backend)
+    mem = manifest.memory
     if measured is not None:
         fixed = measured.fixed_bytes
         peak = measured.peak_bytes(shape.prompt_tokens, shape.max_new_tokens, encodes)
         vision = measured.peak_bytes(0, 0, encodes) - fixed
         kv = peak - fixed - vision
     else:
-        mem = manifest.memory
         fixed, kv, vision = mem.weight_bytes, mem.kv_bytes_per_token * tokens, mem.vision_bytes_per_tile * encodes
         peak = mem.weight_bytes + kv + vision + mem.activation_bytes
     speed = profile.speed
     first = encodes * speed.tile_encode_s + _per(shape.prompt_tokens, speed.prefill_tok_s)
     total = first + _per(shape.max_new_tokens, speed.decode_tok_s)
     return Estimate(
-        peak_memory_bytes=peak, weight_bytes=fixed, kv_cache_bytes=kv, vision_bytes=vision,
+        peak_memory_bytes=peak, weight_bytes=mem.weight_bytes, kv_cache_bytes=kv, vision_bytes=vision,
+        fixed_bytes=fixed,
         first_token_s=first, total_s=total, context_limit=min(manifest.context_length, profile.max_context),
         memory_source=source, speed_source=speed.source,
     )
@@ -243,7 +245,7 @@ def _memory_reason(est: Estimate, profile: DeviceProfile, where: str) -> str:
     if est.memory_source == "formula":
         return (f"{head} (weights {_gb(est.weight_bytes)} + KV cache {_gb(est.kv_cache_bytes)} + "
                 f"vision {_gb(est.vision_bytes)})")
-    return (f"{head} (loaded runtime {_gb(est.weight_bytes)} + prompt and KV cache {_gb(est.kv_cache_bytes)} + "
+    return (f"{head} (loaded runtime {_gb(est.fixed_bytes)} + prompt and KV cache {_gb(est.kv_cache_bytes)} + "
             f"vision {_gb(est.vision_bytes)}; {est.memory_source})")
 
 

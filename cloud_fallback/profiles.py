@@ -242,7 +242,8 @@ def load_calibration(cache_dir: Path, bundle: str, backend: str, device: str | N
         speed = data["speed"]
         figures = SpeedFigures(float(speed["tile_encode_s"]), float(speed["prefill_tok_s"]),
                                float(speed["decode_tok_s"]), source=str(speed.get("source", "calibrated")))
-        memory = None if data.get("memory") is None else MeasuredMemory.from_dict(data["memory"], str(path))
+        measured = data.get("memory")
+        memory = None if measured is None else MeasuredMemory.from_dict(measured, str(path))
         return Calibration(str(data["bundle"]), str(data["backend"]), str(data["device"]), figures, memory,
                            str(data.get("model_id", "")))
     except (OSError, ValueError, KeyError, TypeError, SmolEdgeError) as err:

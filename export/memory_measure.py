@@ -67,8 +67,8 @@ def measurement_key(manifest: Manifest, fmt: str) -> str:
         data.pop(volatile, None)
     # only this format's part: adding another format to the bundle keeps this one's measurement
     mine = {f for graph in manifest.artifacts[fmt].graphs.values() for f in graph.files} | {manifest.tokenizer.file}
-    data["artifacts"] = {fmt: data["artifacts"][fmt]}
-    data["files"] = {path: entry for path, entry in data["files"].items() if path in mine}
+    data.update(artifacts={fmt: dataclasses.asdict(manifest.artifacts[fmt])},
+                files={path: dataclasses.asdict(entry) for path, entry in manifest.files.items() if path in mine})
     spec = format_spec(fmt)
     versions = {package: _version(package) for package in (*spec.requires, "numpy", "tokenizers")}
     probe_code = hashlib.sha256(Path(memory_probe.__file__).read_bytes()).hexdigest()

@@ -119,7 +119,7 @@ def cloud_check(report: dict, env=None) -> dict:
 
         token = CloudFallback(config).token()
         with RouterClient(config) as client:
-            out["models"] = len(client.list_models(token))
+            out["models_listed"] = len(client.list_models(token))
         out["router"] = "answers"
     except SmolEdgeError as err:
         out["router"] = f"does not answer: {err.message}"
@@ -181,7 +181,7 @@ def _cloud_state(cloud: dict) -> str:
         return (f"on, but no Hugging Face token is set (HF_TOKEN or `hf auth login`): requests that do not fit "
                 f"here fail instead of going to {cloud['base_url']}")
     if cloud.get("router") == "answers":
-        return f"on: token present, {cloud['base_url']} answers ({cloud['models']} models listed)"
+        return f"on: token present, {cloud['base_url']} answers ({cloud['models_listed']} models listed)"
     return f"on: token present, but {cloud['base_url']} {cloud.get('router')}"
 
 

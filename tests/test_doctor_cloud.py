@@ -39,7 +39,7 @@ def test_a_token_and_a_router_that_answers(env, router, capsys, monkeypatch):  #
     assert router.requests[0].headers["Authorization"] == f"Bearer {TOKEN}"
     assert cli.main(["doctor", "--json"]) == 0
     cloud = json.loads(capsys.readouterr().out)["cloud"]
-    assert cloud == {"state": "on", "base_url": router.url, "token": True, "models": 2, "router": "answers"}
+    assert cloud == {"state": "on", "base_url": router.url, "token": True, "models_listed": 2, "router": "answers"}
 
 
 def test_a_token_and_a_router_that_does_not_answer(env, monkeypatch, capsys):
