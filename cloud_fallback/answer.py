@@ -40,7 +40,17 @@ from .cloud import CloudFallback, cloud_targets
 from .config import PolicyConfig, RouterConfig, hub_offline
 from .engine import LocalEngine
 from .local_run import LocalRun, LocalTimeout
-from .policy import Decision, LocalHealth, decide, describe_error, fallback_decision, unavailable_decision
+from .policy import (
+    Decision,
+    LocalHealth,
+    decide,
+    describe_error,
+    fallback_decision,
+    refusal_hint,
+    unavailable_decision,
+)
+from .profiles import calibrated_profile, engine_format
+from .tile_budget import plan_fewer_tiles
 
 
 class _EarlyFailure(Exception):
@@ -99,10 +109,11 @@ class Answer(Iterator[StreamChunk]):
         self.local_tried = False
         self.local_error: BaseException | None = None
         self._cloud, self._on_decision = cloud, on_decision
+        self._cloud_passed = 0
+        self.profile = config.profile  # with this bundle's calibration on this device, once measured
         self._set(self._plan(health))
         if self.decision.route == "refuse":
-            raise CloudDisabledError(self.decision.reason,
-                                     hint="shrink the request (fewer or smaller images, a shorter prompt)")
+            raise CloudDisabledError(self.decision.reason, hint=refusal_hint(self.decision, self.policy))
         self._chunks = self._run()
 
     @property
@@ -130,7 +141,9 @@ class Answer(Iterator[StreamChunk]):
             return unavailable_decision("no local bundle loaded", policy)
         try:
             shape = self.engine.measure(self.request)
-        except (PromptTooLongError, VideoDecoderMissingError) as err:  # the cloud may take what this runtime cannot
+        except VideoDecoderMissingError:  # a package to install: never worked around by uploading the video
+            raise
+        except PromptTooLongError as err:  # the cloud may take what this runtime cannot
             return unavailable_decision(f"the local runtime cannot take this request: {describe_error(err)}",
                                         policy, code="local-unsupported")
         except InputError:  # a bad image or an empty request: the cloud could not answer it either
@@ -139,7 +152,16 @@ class Answer(Iterator[StreamChunk]):
             self.local_error = err
             return unavailable_decision(f"local engine could not measure the request: {describe_error(err)}", policy)
         self.shape = shape
-        return decide(shape, self.engine.manifest, self.config.profile, health, policy)
+        self.profile = calibrated_profile(self.config.profile, self.engine, self.config.cache_dir)
+        decision = self._decide(shape, health)
+        fewer = plan_fewer_tiles(self, shape, decision, health) if self.request.images() else None
+        if fewer is not None:
+            self.engine, self.shape, decision = fewer
+        return decision
+
+    def _decide(self, shape, health: LocalHealth, *, engine: LocalEngine | None = None) -> Decision:
+        engine = engine or self.engine
+        return decide(shape, engine.manifest, self.profile, health, self.policy, engine_format(engine))
 
     def _run(self) -> Iterator[StreamChunk]:
         local_error = self.local_error
@@ -155,8 +177,8 @@ class Answer(Iterator[StreamChunk]):
             self._set(fallback_decision(self.decision, local_error, self.policy))
         try:
             yield from self._cloud_stream(local_error)
-        except CloudCreditError as err:
-            local = self._local_instead(err)
+        except CloudError as err:
+            local = None if self._cloud_passed else self._local_instead(err)
             if local is None:
                 raise
             self._set(local)
@@ -164,19 +186,41 @@ class Answer(Iterator[StreamChunk]):
                 yield from self._local()
             except _EarlyFailure as early:
                 self.local_error = early.error
-                raise _rewrite(early.error, "the cloud spend cap is reached, so there is no cloud fallback") \
-                    from early.error
+                if local.code == "spend-cap":
+                    raise _rewrite(early.error, "the cloud spend cap is reached, so there is no cloud fallback") \
+                        from early.error
+                raise FallbackFailedError(early.error, err) from early.error
 
-    def _local_instead(self, err: CloudCreditError) -> Decision | None:
-        """Over the spend cap, a request that was sent away only because local looked unhealthy runs locally."""
-        if getattr(err, "status", "") != "spend_cap" or self.local_tried or self.engine is None or self.shape is None:
+    def _local_instead(self, err: CloudError) -> Decision | None:
+        """A request the cloud could not take runs locally where it can: over the spend cap when it was sent away
+        only because local looked unhealthy; with --deadline, after any cloud failure (see below)."""
+        if self.local_tried or self.engine is None or self.shape is None:
             return None
-        fits = decide(self.shape, self.engine.manifest, self.config.profile, LocalHealth(), self.policy)
-        if fits.route != "local":
+        if isinstance(err, CloudCreditError) and getattr(err, "status", "") == "spend_cap":
+            fits = self._decide(self.shape, LocalHealth())
+            if fits.route != "local":
+                return None
+            cap = err.__cause__ if isinstance(err.__cause__, CloudCreditError) else err  # without the routing note
+            return Decision("local", "spend-cap", f"{cap.message}; answered locally instead ({fits.reason})",
+                            fallback_allowed=False, estimate=fits.estimate)
+        return self._local_before_deadline(err)
+
+    def _local_before_deadline(self, err: CloudError) -> Decision | None:
+        """With --deadline, a request sent away for a predicted miss or an unhealthy local engine runs locally
+        after the cloud failed, when it fits here and its prediction (if calibrated) makes what is left."""
+        if self.decisions[0].code not in ("deadline", "local-unhealthy") or self.policy.deadline_s is None:
             return None
-        cap = err.__cause__ if isinstance(err.__cause__, CloudCreditError) else err  # without the routing note
-        return Decision("local", "spend-cap", f"{cap.message}; answered locally instead ({fits.reason})",
-                        fallback_allowed=False, estimate=fits.estimate)
+        left = self.started + self.policy.deadline_s - time.monotonic()
+        relaxed = replace(self.policy, deadline_s=None, first_token_deadline_s=None)
+        fits = decide(self.shape, self.engine.manifest, self.profile, LocalHealth(), relaxed,
+                      engine_format(self.engine))
+        est = fits.estimate
+        if fits.route != "local" or left <= 0 or (est is not None and est.calibrated and est.total_s > left):
+            return None
+        cause = err.__cause__ if isinstance(err.__cause__, CloudError) else err
+        return Decision("local", "cloud-failed", f"the cloud failed ({describe_error(cause)}); answered locally "
+                        f"within the {left:.1f} s left of the {self.policy.deadline_s:g} s deadline",
+                        fallback_allowed=False, estimate=est)
 
     def _local(self) -> Iterator[StreamChunk]:
         assert self.engine is not None
@@ -232,14 +276,14 @@ class Answer(Iterator[StreamChunk]):
         targets = cloud_targets(self.config.cloud, self.engine.manifest if self.engine is not None else None)
         deadline = self.started + self.policy.deadline_s if self.policy.deadline_s is not None else None
         needed = self.shape.prompt_tokens + self.shape.max_new_tokens if self.shape is not None else None
-        passed = 0
+        self._cloud_passed = 0
         try:
             for chunk in fallback.stream(self.request, targets, self.decision, deadline=deadline,
                                          needed_tokens=needed):
-                passed += 1
+                self._cloud_passed += 1
                 yield chunk
         except CloudError as err:
-            if passed:
+            if self._cloud_passed:
                 raise
             if local_error is not None:
                 raise FallbackFailedError(local_error, err) from err

@@ -2,7 +2,7 @@
 
 ``calibrate(engine)`` times one text-only request (prompt tokens per second up to the first token,
 new tokens per second after it) and one request with a single tile-sized image (the extra time to the
-first token, per vision tile).  ``capabilities(manifest, profile)`` is pure: what fits this device.
+first token, per vision tile).  ``capabilities(manifest, profile)`` is pure: what fits this device, by the router's own estimate.
 """
 
 from __future__ import annotations
@@ -82,22 +82,40 @@ class Capabilities:
     typical_first_token_s: float
     typical_total_s: float
     typical_peak_bytes: int
+    typical_fits: bool = True  # the typical photo's estimated peak is within the budget
+    memory_source: str = "formula"  # calibrated | measured at export | formula
 
 
-def capabilities(manifest: Manifest, profile: DeviceProfile, *, typical_new_tokens: int = 256) -> Capabilities:
+def capabilities(manifest: Manifest, profile: DeviceProfile, *, typical_new_tokens: int = 256,
+                 backend: str | None = None) -> Capabilities:
     """What ``profile`` can run of this bundle: tiles and tokens that fit, and a typical one-image request."""
-    mem = manifest.memory
-    weights, kv, per_tile = mem.weight_bytes, mem.kv_bytes_per_token, mem.vision_bytes_per_tile
     image = manifest.image
     tiles = _tiles_per_image(image)
     prompt = tiles * image.image_seq_len + 32
-    free = profile.memory_budget_bytes - weights - mem.activation_bytes
-    max_tiles = min(profile.max_image_tiles, max(0, (free - kv * (prompt + typical_new_tokens)) // max(per_tile, 1)))
-    max_tokens = min(manifest.context_length, profile.max_context,
-                     max(0, (free - per_tile * tiles) // max(kv, 1)))
-    est = estimate(RequestShape(prompt, typical_new_tokens, image_tiles=tiles, images=1), manifest, profile)
-    return Capabilities(free >= 0, int(max_tiles), int(max_tokens), tiles, est.first_token_s, est.total_s,
-                        est.peak_memory_bytes)
+    budget = profile.memory_budget_bytes
+
+    def peak(prompt_tokens: int, new: int, n_tiles: int) -> int:
+        shape = RequestShape(prompt_tokens, new, image_tiles=n_tiles, images=1 if n_tiles else 0)
+        return estimate(shape, manifest, profile, backend).peak_memory_bytes
+
+    est = estimate(RequestShape(prompt, typical_new_tokens, image_tiles=tiles, images=1), manifest, profile, backend)
+    max_tiles = _largest(profile.max_image_tiles,
+                         lambda n: peak(n * image.image_seq_len + 32, typical_new_tokens, n) <= budget)
+    limit = min(manifest.context_length, profile.max_context)
+    max_tokens = _largest(limit, lambda n: peak(n, 0, 0) <= budget)
+    return Capabilities(peak(32, 1, 0) <= budget, max_tiles, max_tokens, tiles, est.first_token_s, est.total_s,
+                        est.peak_memory_bytes, est.peak_memory_bytes <= budget, est.memory_source)
+
+
+def _largest(upper: int, fits) -> int:
+    """The largest n in [0, upper] with fits(n), for a ``fits`` that holds up to some n and not after."""
+    if upper <= 0 or not fits(0):
+        return 0
+    low, high = 0, upper
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def _tiles_per_image(image: ImageProcessorConfig) -> int:

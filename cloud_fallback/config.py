@@ -1,6 +1,6 @@
 """Frozen configs of the router, one per component, and how they are built from flags + environment.
 
-``add_routing_arguments(parser)`` adds ``--profile``, ``--no-cloud``, ``--deadline`` and ``--project``;
+``add_routing_arguments(parser)`` adds ``--profile``, ``--no-cloud``, ``--deadline``, ``--max-tiles`` and ``--project``;
 ``router_config_from_args(args)`` turns the parsed flags and the environment into a
 :class:`RouterConfig`.  Environment variables (flags win over them):
 
@@ -8,6 +8,7 @@
 ``SMOLEDGE_PROFILE``       device profile name (default ``auto``)
 ``SMOLEDGE_NO_CLOUD``      ``1`` turns on never-cloud: no request ever leaves the device
 ``SMOLEDGE_PROJECT``       project tag written into the usage ledger (default ``default``)
+``SMOLEDGE_MAX_TILES``     ``auto`` or N: answer photos locally with fewer tiles instead of the cloud
 ``SMOLEDGE_CLOUD_BASE_URL`` the router's OpenAI-compatible base URL (default the public HF router)
 ``SMOLEDGE_CLOUD_MODELS``  comma-separated ``model[:fastest|:cheapest|:provider]`` list: the substitute
                            first, then the alternatives; overrides the bundle's manifest
@@ -129,6 +130,9 @@ class PolicyConfig:
     local_misses_before_skip: int = 3  # ... or this many missed first-token deadlines in a row
     local_retry_after_s: float = 30.0  # then, after this cool-off, one request tries local again
     local_retry_every: int = 10  # ... or every Nth request sent away meanwhile (0: only the cool-off)
+    # photos with fewer tiles instead of the cloud: None = never, "auto" = when the tiles or the memory do
+    # not fit the device, N = also at most N tiles per request (cloud_fallback/tile_budget.py)
+    max_tiles: int | str | None = None
 
     @property
     def cloud_off(self) -> bool:
@@ -204,7 +208,12 @@ def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cloud", action="store_true", default=False,
                        help="never send anything to the cloud (also SMOLEDGE_NO_CLOUD=1)")
     group.add_argument("--deadline", type=float, default=None, metavar="S",
-                       help="seconds the answer may take; a slower local run goes to the cloud")
+                       help="seconds the answer may take, local and cloud together: local is tried first unless "
+                       "this device's calibration predicts it clearly slower; a failed cloud call falls back to "
+                       "local while time is left")
+    group.add_argument("--max-tiles", default=None, metavar="N|auto",
+                       help="answer a photo locally with fewer tiles instead of the cloud: 'auto' when it does not "
+                       "fit the device, N = at most N tiles (default $SMOLEDGE_MAX_TILES, else off)")
     group.add_argument("--project", default=None, metavar="TAG",
                        help="project tag for the cloud usage ledger (default $SMOLEDGE_PROJECT or 'default')")
 
@@ -221,6 +230,7 @@ def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | N
         never_cloud=bool(getattr(args, "no_cloud", False)) or env_flag(env, "SMOLEDGE_NO_CLOUD"),
         offline=hub_offline(env),
         deadline_s=deadline,
+        max_tiles=parse_max_tiles(getattr(args, "max_tiles", None) or env.get("SMOLEDGE_MAX_TILES")),
     )
     cloud = CloudConfig(
         base_url=env.get("SMOLEDGE_CLOUD_BASE_URL") or DEFAULT_BASE_URL,
@@ -232,6 +242,18 @@ def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | N
     project = getattr(args, "project", None) or env.get("SMOLEDGE_PROJECT") or "default"
     return RouterConfig(profile=load_profile(profile_name, cache_dir=cache_dir), policy=policy, cloud=cloud,
                         ledger=ledger_config_from_env(env, cache_dir, project), cache_dir=cache_dir)
+
+
+def parse_max_tiles(text: str | None) -> int | str | None:
+    """``--max-tiles`` / ``SMOLEDGE_MAX_TILES``: None (off), ``"auto"`` or a whole number >= 1."""
+    if text is None or not str(text).strip():
+        return None
+    value = str(text).strip().lower()
+    if value == "auto":
+        return "auto"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"--max-tiles {text!r} is not 'auto' or a whole number >= 1", hint="e.g. --max-tiles auto")
+    return int(value)
 
 
 def ledger_config_from_env(env: Mapping[str, str], cache_dir: Path, project: str = "default") -> LedgerConfig:

@@ -9,8 +9,12 @@ A request is *oversized* for a device when any of these holds (all that hold are
 * image tiles after splitting > the profile's ``max_image_tiles``
 * video frames > the profile's ``max_video_frames``
 * prompt + ``max_new_tokens`` > the model's context window or the profile's ``max_context``
-* estimated peak memory (weights + KV cache + vision activations + other activations) > the budget
-* predicted local latency (from the profile's speed figures) > the caller's deadline
+* estimated peak memory > the budget: from this device's calibration of the bundle (``smoledge doctor
+  --calibrate``), else the figures export measured (``manifest.memory.measured``), else the formula
+  (weights + KV cache + vision activations + other activations)
+* predicted local latency > the caller's deadline, where the prediction is calibrated on this device and
+  clearly over (by more than ``DEADLINE_MARGIN``); an uncalibrated or marginal prediction tries local first
+  and leaves the run-time deadline to hand the request on (see docs/memory.md)
 """
 
 from __future__ import annotations
@@ -70,15 +74,24 @@ class Estimate:
     first_token_s: float
     total_s: float
     context_limit: int
+    fixed_bytes: int = 0  # measured: the loaded runtime with its weights; formula: the weights
+    memory_source: str = "formula"  # "calibrated", "measured at export" or "formula"
+    speed_source: str = "profile"  # the profile's SpeedFigures.source
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the time prediction was measured on this device (a profile's or estimated speed is not)."""
+        return self.speed_source.startswith("calibrated")
 
 
 @dataclass(frozen=True)
 class Decision:
     route: Route
-    code: str  # fits | oversize | local-unhealthy | local-unsupported | local-failed
+    code: str  # fits | oversize | deadline | local-unhealthy | local-unsupported | local-failed | fewer-tiles | ...
     reason: str
     fallback_allowed: bool
     estimate: Estimate | None = None
+    kinds: tuple[str, ...] = ()  # what did not fit: tiles | frames | context | memory | deadline
 
 
 def describe_error(err: BaseException) -> str:
@@ -96,21 +109,41 @@ def decide(
     profile: DeviceProfile,
     health: LocalHealth,
     policy: PolicyConfig,
+    backend: str | None = None,
 ) -> Decision:
-    est = estimate(shape, manifest, profile)
+    est = estimate(shape, manifest, profile, backend)
     if health.skips_local(policy):
         return unavailable_decision(_health_reason(health, policy), policy, est)
-    problems = oversize_reasons(shape, manifest, profile, est, policy)
-    if problems:
-        return _away(problems, "oversize", policy, est)
+    problems = problem_list(shape, manifest, profile, est, policy)
+    hard = [(kind, text) for kind, text in problems if kind != "deadline"]
+    if hard or (problems and est.calibrated and _clearly_over(est, policy)):
+        code = "oversize" if hard else "deadline"
+        return _away([text for _, text in problems], code, policy, est, kinds=tuple(k for k, _ in problems))
     reason = (
         f"fits {profile.name}: {shape.image_tiles + shape.video_frames} tiles/frames, "
         f"{_n(shape.prompt_tokens + shape.max_new_tokens)} of {_n(est.context_limit)} tokens, "
         f"peak {_gb(est.peak_memory_bytes)} of {_gb(profile.memory_budget_bytes)}, ~{est.total_s:.1f} s predicted"
     )
+    if problems:  # over the deadline by a prediction that is not measured here, or by too little to trust
+        why = "not calibrated on this device" if not est.calibrated else "within the prediction's margin"
+        reason += f"; {'; '.join(t for _, t in problems)}, but the prediction is {why}, so local is tried first"
     if policy.cloud_off:
         reason += f"; {policy.cloud_off_reason}, so there is no cloud fallback"
     return Decision("local", "fits", reason, fallback_allowed=not policy.cloud_off, estimate=est)
+
+
+# A calibrated time prediction is trusted to this factor: a request predicted at most this much over its
+# deadline is tried locally (the run-time deadline still hands it to the cloud if no token comes in time).
+DEADLINE_MARGIN = 1.5
+
+
+def _clearly_over(est: Estimate, policy: PolicyConfig) -> bool:
+    over = []
+    if policy.deadline_s is not None:
+        over.append(est.total_s > DEADLINE_MARGIN * policy.deadline_s)
+    if policy.first_token_deadline_s is not None:
+        over.append(est.first_token_s > DEADLINE_MARGIN * policy.first_token_deadline_s)
+    return any(over)
 
 
 def unavailable_decision(why: str, policy: PolicyConfig, est: Estimate | None = None, *,
@@ -125,12 +158,13 @@ def fallback_decision(previous: Decision, error: BaseException, policy: PolicyCo
     return _away([why], "local-failed", policy, previous.estimate)
 
 
-def _away(problems: list[str], code: str, policy: PolicyConfig, est: Estimate | None) -> Decision:
+def _away(problems: list[str], code: str, policy: PolicyConfig, est: Estimate | None,
+          kinds: tuple[str, ...] = ()) -> Decision:
     reason = "; ".join(problems)
     if policy.cloud_off:
         return Decision("refuse", code, f"{reason}; {policy.cloud_off_reason}, so it cannot go to the cloud",
-                        fallback_allowed=False, estimate=est)
-    return Decision("cloud", code, reason, fallback_allowed=False, estimate=est)
+                        fallback_allowed=False, estimate=est, kinds=kinds)
+    return Decision("cloud", code, reason, fallback_allowed=False, estimate=est, kinds=kinds)
 
 
 def _health_reason(health: LocalHealth, policy: PolicyConfig) -> str:
@@ -141,42 +175,95 @@ def _health_reason(health: LocalHealth, policy: PolicyConfig) -> str:
     return f"local engine missed the first-token deadline {health.deadline_misses} times in a row"
 
 
-def estimate(shape: RequestShape, manifest: Manifest, profile: DeviceProfile) -> Estimate:
-    mem = manifest.memory
+def estimate(shape: RequestShape, manifest: Manifest, profile: DeviceProfile, backend: str | None = None) -> Estimate:
+    """Peak memory and time of ``shape`` on ``profile``: memory from this device's calibration of the bundle,
+    else the figures measured at export (for ``backend``'s format), else the manifest's formula."""
     tokens = shape.prompt_tokens + shape.max_new_tokens
     encodes = shape.image_tiles + shape.video_frames
-    kv = mem.kv_bytes_per_token * tokens
-    vision = mem.vision_bytes_per_tile * encodes
-    peak = mem.weight_bytes + kv + vision + mem.activation_bytes
+    measured, source = memory_figures(manifest, profile, backend)
+    mem = manifest.memory
+    if measured is not None:
+        fixed = measured.fixed_bytes
+        peak = measured.peak_bytes(shape.prompt_tokens, shape.max_new_tokens, encodes)
+        vision = measured.peak_bytes(0, 0, encodes) - fixed
+        kv = peak - fixed - vision
+    else:
+        fixed, kv, vision = mem.weight_bytes, mem.kv_bytes_per_token * tokens, mem.vision_bytes_per_tile * encodes
+        peak = mem.weight_bytes + kv + vision + mem.activation_bytes
     speed = profile.speed
     first = encodes * speed.tile_encode_s + _per(shape.prompt_tokens, speed.prefill_tok_s)
     total = first + _per(shape.max_new_tokens, speed.decode_tok_s)
     return Estimate(
         peak_memory_bytes=peak, weight_bytes=mem.weight_bytes, kv_cache_bytes=kv, vision_bytes=vision,
+        fixed_bytes=fixed,
         first_token_s=first, total_s=total, context_limit=min(manifest.context_length, profile.max_context),
+        memory_source=source, speed_source=speed.source,
     )
+
+
+def memory_figures(manifest: Manifest, profile: DeviceProfile, backend: str | None = None):
+    """(the measured figures to use, where they come from): ``calibrated``, ``measured at export`` or
+    (None, ``formula``)."""
+    if profile.memory is not None:
+        return profile.memory, "calibrated"
+    measured = manifest.memory.measured
+    fmt = backend if backend in measured else "onnx" if "onnx" in measured else next(iter(sorted(measured)), None)
+    if fmt is None:
+        return None, "formula"
+    return measured[fmt], "measured at export"
 
 
 def oversize_reasons(
     shape: RequestShape, manifest: Manifest, profile: DeviceProfile, est: Estimate, policy: PolicyConfig
 ) -> list[str]:
+    return [text for _, text in problem_list(shape, manifest, profile, est, policy)]
+
+
+def problem_list(
+    shape: RequestShape, manifest: Manifest, profile: DeviceProfile, est: Estimate, policy: PolicyConfig
+) -> list[tuple[str, str]]:
+    """Why the request does not fit: (kind, reason) with kind tiles | frames | context | memory | deadline."""
     out = []
     where = f"on {profile.name}"
     if shape.image_tiles > profile.max_image_tiles:
-        out.append(f"{shape.image_tiles} tiles > {profile.max_image_tiles} allowed {where}")
+        out.append(("tiles", f"{shape.image_tiles} tiles > {profile.max_image_tiles} allowed {where}"))
     if shape.video_frames > profile.max_video_frames:
-        out.append(f"{shape.video_frames} video frames > {profile.max_video_frames} allowed {where}")
+        out.append(("frames", f"{shape.video_frames} video frames > {profile.max_video_frames} allowed {where}"))
     tokens = shape.prompt_tokens + shape.max_new_tokens
     if tokens > est.context_limit:
         owner = "the model's context window" if est.context_limit == manifest.context_length else f"context {where}"
-        out.append(f"{_n(shape.prompt_tokens)} prompt + {_n(shape.max_new_tokens)} new tokens = {_n(tokens)} > "
-                   f"{_n(est.context_limit)} {owner}")
+        out.append(("context", f"{_n(shape.prompt_tokens)} prompt + {_n(shape.max_new_tokens)} new tokens = "
+                    f"{_n(tokens)} > {_n(est.context_limit)} {owner}"))
     if est.peak_memory_bytes > profile.memory_budget_bytes:
-        out.append(f"estimated peak memory {_gb(est.peak_memory_bytes)} > {_gb(profile.memory_budget_bytes)} budget "
-                   f"{where} (weights {_gb(est.weight_bytes)} + KV cache {_gb(est.kv_cache_bytes)} + "
-                   f"vision {_gb(est.vision_bytes)})")
-    out.extend(_deadline_reasons(est, policy, where))
+        out.append(("memory", _memory_reason(est, profile, where)))
+    out.extend(("deadline", text) for text in _deadline_reasons(est, policy, where))
     return out
+
+
+def _memory_reason(est: Estimate, profile: DeviceProfile, where: str) -> str:
+    head = f"estimated peak memory {_gb(est.peak_memory_bytes)} > {_gb(profile.memory_budget_bytes)} budget {where}"
+    if est.memory_source == "formula":
+        return (f"{head} (weights {_gb(est.weight_bytes)} + KV cache {_gb(est.kv_cache_bytes)} + "
+                f"vision {_gb(est.vision_bytes)})")
+    return (f"{head} (loaded runtime {_gb(est.fixed_bytes)} + prompt and KV cache {_gb(est.kv_cache_bytes)} + "
+            f"vision {_gb(est.vision_bytes)}; {est.memory_source})")
+
+
+_FIXES = {
+    "tiles": "use fewer or smaller images, or --max-tiles auto to answer locally with fewer tiles",
+    "frames": "--max-frames auto samples a video down to the device's frame limit",
+    "context": "shorten the prompt or lower --max-new-tokens",
+    "memory": "--max-tiles auto answers a photo with fewer tiles; or use a smaller image or a shorter prompt",
+    "deadline": "raise --deadline, or calibrate this device (smoledge doctor --bundle B --calibrate)",
+}
+
+
+def refusal_hint(decision: Decision, policy: PolicyConfig) -> str:
+    """What fixes a refused request: the flags for each problem, then how to allow the cloud."""
+    fixes = [_FIXES[kind] for kind in dict.fromkeys(decision.kinds) if kind in _FIXES]
+    allow = ("unset HF_HUB_OFFLINE to allow the cloud" if policy.offline and not policy.never_cloud
+             else "or allow the cloud fallback (drop --no-cloud / SMOLEDGE_NO_CLOUD=1)")
+    return "; ".join(fixes + [allow]) if fixes else f"shrink the request, {allow}"
 
 
 def _deadline_reasons(est: Estimate, policy: PolicyConfig, where: str) -> list[str]:

@@ -3,19 +3,24 @@
 A profile is a JSON file in ``profiles/`` (one per device) read into a frozen :class:`DeviceProfile`.
 The ``auto`` profile describes this machine: RAM, cores and onnxruntime execution providers are
 detected when it is loaded, and its speed figures are rough per-core estimates.  ``smoledge doctor
---calibrate`` measures the speed figures and stores them per device in the cache folder; a stored
-calibration overrides the file's figures whenever the profile is loaded.
+--calibrate`` measures the speed and peak memory of one bundle on this device and stores them in the cache
+folder per bundle (its file hashes), backend and device; the router applies that record when it serves
+that bundle (:func:`apply_calibration`), never another bundle's.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import platform
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from smoledge.errors import ConfigError
+from smoledge.errors import ConfigError, SmolEdgeError
+from smoledge.runtime.manifest import MeasuredMemory
 
 MB = 1024 * 1024
 _PREFERRED_PROVIDERS = (
@@ -57,6 +62,8 @@ class DeviceProfile:
     speed: SpeedFigures
     available_providers: tuple[str, ...] = ()
     bundle_verify: str = "fast"  # "full": hash every bundle file on each run (SD cards: bit rot keeps mtimes)
+    # the bundle's memory figures measured on this device (apply_calibration); None: the manifest's
+    memory: MeasuredMemory | None = None
 
 
 @dataclass(frozen=True)
@@ -72,15 +79,14 @@ def profile_names() -> list[str]:
 
 
 def load_profile(name: str, *, cache_dir: Path | None = None, machine: MachineInfo | None = None) -> DeviceProfile:
-    """Read profile ``name`` (``auto`` detects this machine unless ``machine`` is given) + its calibration."""
+    """Read profile ``name`` (``auto`` detects this machine unless ``machine`` is given).
+
+    Calibrations are per bundle: the router applies the one of the bundle it serves (``apply_calibration``);
+    ``cache_dir`` is accepted for callers of the per-profile layout and not read."""
     data = _read_profile_file(name)
     profile = _profile_from_json(data)
     if name == "auto":
         profile = _apply_machine(profile, data, machine or detect_machine())
-    if cache_dir is not None:
-        calibrated = load_calibration(cache_dir, profile.name)
-        if calibrated is not None:
-            profile = replace(profile, speed=calibrated)
     return profile
 
 
@@ -173,30 +179,114 @@ def _ort_providers() -> tuple[str, ...]:
     return tuple(p for p in onnxruntime.get_available_providers() if p != "AzureExecutionProvider")
 
 
-# --- calibration, stored per device -------------------------------------------------------------
+# --- calibration, stored per bundle and device --------------------------------------------------
 
-def calibration_path(cache_dir: Path, profile_name: str) -> Path:
-    return Path(cache_dir) / "calibration" / f"{profile_name}.json"
+@dataclass(frozen=True)
+class Calibration:
+    """What ``smoledge doctor --calibrate`` measured for one bundle, backend and device."""
+
+    bundle: str  # bundle_key(manifest)
+    backend: str
+    device: str  # device_id()
+    speed: SpeedFigures
+    memory: MeasuredMemory | None
+    model_id: str = ""
+
+    def to_json(self) -> dict:
+        return {"bundle": self.bundle, "backend": self.backend, "device": self.device, "model_id": self.model_id,
+                "speed": self.speed.to_json(),
+                "memory": None if self.memory is None else _dump_measured(self.memory)}
 
 
-def load_calibration(cache_dir: Path, profile_name: str) -> SpeedFigures | None:
-    path = calibration_path(cache_dir, profile_name)
+def bundle_key(manifest) -> str:
+    """A bundle's identity: the hash of its file table (every artifact's sha256), not of its path."""
+    table = {path: entry.sha256 for path, entry in sorted(manifest.files.items())}
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def device_id(machine: MachineInfo | None = None) -> str:
+    """This device: CPU architecture and model, cores and RAM (a cache folder may be shared by machines)."""
+    machine = machine or detect_machine()
+    cpu = _cpu_model()
+    tag = hashlib.sha256(cpu.encode()).hexdigest()[:8] if cpu else "cpu"
+    return f"{platform.machine() or 'unknown'}-{machine.cores}c-{round(machine.ram_bytes / 2**30)}g-{tag}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def calibration_path(cache_dir: Path, bundle: str, backend: str, device: str) -> Path:
+    return Path(cache_dir) / "calibration" / bundle / f"{backend}-{device}.json"
+
+
+def legacy_calibrations(cache_dir: Path) -> list[Path]:
+    """Per-profile records of older versions (``calibration/<profile>.json``): ignored, as they do not say
+    which bundle they measured (one bundle's speed was applied to another)."""
+    folder = Path(cache_dir) / "calibration"
+    return sorted(p for p in folder.glob("*.json") if p.is_file()) if folder.is_dir() else []
+
+
+def load_calibration(cache_dir: Path, bundle: str, backend: str, device: str | None = None) -> Calibration | None:
+    path = calibration_path(cache_dir, bundle, backend, device or device_id())
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return SpeedFigures(float(data["tile_encode_s"]), float(data["prefill_tok_s"]),
-                            float(data["decode_tok_s"]), source=str(data.get("source", "calibrated")))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        speed = data["speed"]
+        figures = SpeedFigures(float(speed["tile_encode_s"]), float(speed["prefill_tok_s"]),
+                               float(speed["decode_tok_s"]), source=str(speed.get("source", "calibrated")))
+        measured = data.get("memory")
+        memory = None if measured is None else MeasuredMemory.from_dict(measured, str(path))
+        return Calibration(str(data["bundle"]), str(data["backend"]), str(data["device"]), figures, memory,
+                           str(data.get("model_id", "")))
+    except (OSError, ValueError, KeyError, TypeError, SmolEdgeError) as err:
         raise ConfigError(f"calibration file {path} is unreadable: {err}",
                           hint="delete it and run `smoledge doctor --bundle B --calibrate` again") from err
 
 
-def save_calibration(cache_dir: Path, profile_name: str, speed: SpeedFigures, *, extra: dict | None = None) -> Path:
-    path = calibration_path(cache_dir, profile_name)
+def save_calibration(cache_dir: Path, calibration: Calibration) -> Path:
+    path = calibration_path(cache_dir, calibration.bundle, calibration.backend, calibration.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**speed.to_json(), **(extra or {})}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(calibration.to_json(), indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def apply_calibration(profile: DeviceProfile, calibration: Calibration | None) -> DeviceProfile:
+    """``profile`` with this bundle's measured speed and memory on this device (unchanged without one)."""
+    if calibration is None:
+        return profile
+    return replace(profile, speed=calibration.speed, memory=calibration.memory)
+
+
+def _dump_measured(memory: MeasuredMemory) -> dict:
+    from dataclasses import asdict
+
+    return asdict(memory)
+
+
+def engine_format(engine) -> str | None:
+    """The bundle format a local engine runs (``onnx``, ``executorch``, ...), where it says."""
+    return getattr(getattr(engine, "backend", None), "name", None)
+
+
+def calibrated_profile(profile: DeviceProfile, engine, cache_dir: Path | None) -> DeviceProfile:
+    """``profile`` with the calibration of ``engine``'s bundle and backend on this device, if one is stored."""
+    if cache_dir is None or engine is None:
+        return profile
+    backend = engine_format(engine) or "onnx"
+    return apply_calibration(profile, load_calibration(cache_dir, bundle_key(engine.manifest), backend,
+                                                       _this_device()))
+
+
+@functools.lru_cache(maxsize=1)
+def _this_device() -> str:
+    return device_id()

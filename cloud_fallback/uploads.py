@@ -1,7 +1,7 @@
 """Videos prepared for upload to the router, once per request (``to_openai_messages`` calls this).
 
 A video within ``UploadConfig.max_pixels`` per frame and ``video_max_bytes`` goes as it is.  A larger one
-is re-encoded with PyAV (``pip install 'smoledge[video]'``) to an MP4 (H.264, MPEG-4 Part 2 where this
+is re-encoded with PyAV (``pip install -e '.[video]'`` from a clone) to an MP4 (H.264, MPEG-4 Part 2 where this
 FFmpeg has no libx264) holding only the frames the local video path would sample (``video_fps``,
 ``video_max_frames``, as ``runtime.video.sample_indices`` picks them), each within ``max_pixels``, shrunk
 further until the file fits ``video_max_bytes``.  Without PyAV nothing can be measured or re-encoded: a
@@ -36,7 +36,8 @@ def video_data_url(video: Any, uploads: UploadConfig | None = None) -> str:
             return _data_url(mime, data)
         raise VideoDecoderMissingError(
             f"the video is {len(data) / MB:.1f} MB, over the upload limit of {uploads.video_max_bytes / MB:.1f} MB,"
-            " and cannot be re-encoded without PyAV", hint="pip install 'smoledge[video]'") from None
+            " and cannot be re-encoded without PyAV",
+            hint="install PyAV: pip install -e '.[video]' in the smoledge clone") from None
     plan = _plan(str(video) if isinstance(video, (str, Path)) else data, uploads)  # errors name the path
     if plan.info.width * plan.info.height <= uploads.max_pixels and len(data) <= uploads.video_max_bytes:
         return _data_url(mime, data)

@@ -34,6 +34,7 @@ class ExportJob:
     adapter: str | None = None  # PEFT LoRA adapter (folder or hub id) merged into the weights first
     adapter_revision: str | None = None
     cloud_models: tuple[str, ...] = ()  # the cloud substitute, then alternatives (empty: the package defaults)
+    measure_memory: bool = True  # probe peak memory in child processes (export/memory_measure.py)
 
 
 def target_module(fmt: str):
@@ -80,6 +81,11 @@ def _export(job: ExportJob, bar: Progress) -> Path:
             artifacts[fmt] = _run_target(module, model, staging, job.recipe, options, bar)
         memory = dataclasses.replace(base.memory, weight_bytes=max(a.weight_bytes for a in artifacts.values()))
         manifest = dataclasses.replace(base, memory=memory, artifacts=artifacts)
+        if job.measure_memory:
+            from smoledge.export.memory_measure import with_measured_memory
+
+            bar.step("measuring memory")
+            manifest = with_measured_memory(staging, manifest)
         bar.step("writing bundle")
         path = staging.commit(manifest)
         bar.advance()

@@ -101,6 +101,41 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class MeasuredMemory:
+    """Peak resident memory of one format's runtime, measured in child processes (runtime/memory_probe.py).
+
+    A request's peak is ``fixed_bytes + prefill_bytes_per_token * P + attention_bytes_per_token_squared * P**2
+    + decode_bytes_per_token * N + vision_bytes_per_batch_tile * min(T, vision_batch) + vision_bytes_per_tile
+    * T`` for P prompt tokens, N new tokens and T image tiles or video frames."""
+
+    fixed_bytes: int = field(metadata={"minimum": 0})  # the loaded process answering a minimal request
+    prefill_bytes_per_token: int = field(metadata={"minimum": 0})
+    attention_bytes_per_token_squared: float = field(metadata={"minimum": 0})  # attention scores at prefill
+    decode_bytes_per_token: int = field(metadata={"minimum": 0})
+    vision_bytes_per_batch_tile: int = field(metadata={"minimum": 0})  # per tile of one encoder call's batch
+    vision_bytes_per_tile: int = field(metadata={"minimum": 0})  # pixels and features, every tile
+    vision_batch: int = field(metadata={"minimum": 1})  # tiles per vision-encoder call when measured
+    load_bytes: int = field(metadata={"minimum": 0})  # resident right after load
+    probes: tuple[dict[str, int], ...]  # the measured requests the figures were fitted on
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "memory.measured") -> MeasuredMemory:
+        errors: list[str] = []
+        figures = _parse(cls, data, where, errors)
+        if errors:
+            raise BundleError(f"{where} does not match the schema: {'; '.join(errors[:5])}",
+                              hint="measure again (re-export, or `smoledge doctor --bundle B --calibrate`)")
+        return figures
+
+    def peak_bytes(self, prompt_tokens: int, new_tokens: int, tiles: int, vision_batch: int | None = None) -> int:
+        batch = vision_batch or self.vision_batch
+        return int(self.fixed_bytes + self.prefill_bytes_per_token * prompt_tokens
+                   + self.attention_bytes_per_token_squared * prompt_tokens ** 2
+                   + self.decode_bytes_per_token * new_tokens
+                   + self.vision_bytes_per_batch_tile * min(tiles, batch) + self.vision_bytes_per_tile * tiles)
+
+
+@dataclass(frozen=True)
 class Memory:
     """What the router needs to estimate a request's peak memory."""
 
@@ -109,6 +144,9 @@ class Memory:
     vision_bytes_per_tile: int
     activation_bytes: int  # one decoder step's activations besides the KV cache
     notes: str
+    # format -> its measured figures; empty in bundles exported before they were measured (the formula above
+    # is used for those)
+    measured: dict[str, MeasuredMemory] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

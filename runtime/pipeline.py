@@ -10,6 +10,7 @@ are imported (and PyAV once a request holds a video).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -84,6 +85,13 @@ class Pipeline:
     def manifest(self) -> Manifest:
         """The bundle's manifest, with ``context_length`` the window this backend serves (see ``__init__``)."""
         return self._manifest
+
+    def with_image_config(self, image_config: ImageProcessorConfig) -> "Pipeline":
+        """This pipeline (the same backend, tokenizer and bundle) splitting images by ``image_config``: the
+        router's tile budget answers a photo with fewer tiles this way (cloud_fallback/tile_budget.py)."""
+        view = copy.copy(self)
+        view.image_config = image_config
+        return view
 
     def set_video_max_frames(self, max_frames: int | None) -> None:
         """Sample at most ``max_frames`` frames per video from now on (None keeps the bundle's setting)."""

@@ -5,7 +5,7 @@ The reference is transformers' SmolVLM video path (transformers 5.24), reproduce
 * **decoding** as ``transformers.video_utils.read_video_pyav`` (transformers' ``pyav`` backend): the frame
   count is the stream header's ``frames``, fps its ``average_rate``, duration = frames / fps; frames are
   decoded in order and kept when their index was sampled, as ``rgb24``.  PyAV is an optional extra
-  (``pip install 'smoledge[video]'``) imported only when a video is opened.
+  (``pip install -e '.[video]'`` from a clone) imported only when a video is opened.
 * **sampling** as ``SmolVLMVideoProcessor.sample_frames`` (``num_frames`` = ``max_frames``, ``fps``,
   ``skip_secs=1``): ``min(round(fps * duration), max_frames)`` frames, evenly spaced, skipping the first and
   last second when the clip is long enough, de-duplicated.
@@ -330,7 +330,7 @@ def _import_av():
         import av
     except ImportError:
         raise VideoDecoderMissingError("video input needs PyAV, which is not installed",
-                         hint="pip install 'smoledge[video]'") from None
+                         hint="install PyAV: pip install -e '.[video]' in the smoledge clone") from None
     return av
 
 

@@ -156,17 +156,25 @@ def test_measure_errors(tmp_path, router):  # noqa: F811
 
 
 def test_input_the_local_runtime_cannot_take_goes_to_the_cloud(tmp_path, router):  # noqa: F811
-    engine = CannedEngine(measure_error=VideoDecoderMissingError("video input needs PyAV, which is not installed"))
+    engine = CannedEngine(measure_error=PromptTooLongError("prompt too long for this bundle"))
     reply = answer_text(request_with_images(1), engine, config=make_config(tmp_path, router))
     assert reply.text == CLOUD_TEXT and reply.decision.code == "local-unsupported"
-    assert reply.decision.reason == ("the local runtime cannot take this request: "
-                                     "video input needs PyAV, which is not installed")
+    assert reply.decision.reason == "the local runtime cannot take this request: prompt too long for this bundle"
     with pytest.raises(VideoError, match="corrupt"):  # a broken file is the caller's to fix, not the cloud's
         answer(request_with_images(1), CannedEngine(measure_error=VideoError("clip.mp4 is corrupt")),
                config=make_config(tmp_path, router))
     cfg = make_config(tmp_path, router, policy=PolicyConfig(never_cloud=True))
     with pytest.raises(CloudDisabledError, match="prompt too long; never-cloud is on"):
         answer(request_with_images(1), CannedEngine(measure_error=PromptTooLongError("prompt too long")), config=cfg)
+
+
+def test_a_missing_package_is_an_install_hint_not_an_upload(tmp_path, router):  # noqa: F811
+    """18 #8: a missing PyAV sent --video to the cloud (uploading the user's video, spending their credit)."""
+    engine = CannedEngine(measure_error=VideoDecoderMissingError("video input needs PyAV, which is not installed",
+                                                                 hint="pip install -e '.[video]'"))
+    with pytest.raises(VideoDecoderMissingError, match="needs PyAV"):
+        answer(request_with_images(1), engine, config=make_config(tmp_path, router))
+    assert router.chat_requests() == []
 
 
 def test_unhealthy_local_engine_is_skipped(tmp_path, router):  # noqa: F811

@@ -13,10 +13,21 @@ from smoledge.cloud_fallback import PolicyConfig, add_routing_arguments, decide,
 from smoledge.cloud_fallback.calibrate import capabilities
 from smoledge.cloud_fallback.config import CooldownConfig, RetryConfig, parse_models
 from smoledge.cloud_fallback.policy import LocalHealth, estimate, fallback_decision
-from smoledge.cloud_fallback.profiles import MachineInfo, SpeedFigures, profile_names, save_calibration
+from smoledge.cloud_fallback.profiles import (
+    Calibration,
+    MachineInfo,
+    SpeedFigures,
+    apply_calibration,
+    bundle_key,
+    device_id,
+    legacy_calibrations,
+    load_calibration,
+    profile_names,
+    save_calibration,
+)
 from smoledge.cloud_fallback.retry import Backoff, Cooldown, parse_retry_after
 from smoledge.errors import BackendError, BundleError, ConfigError
-from smoledge.runtime.manifest import Manifest
+from smoledge.runtime.manifest import FileEntry, Manifest
 from smoledge.runtime.types import RequestShape
 
 PI4 = load_profile("raspberry-pi-5-4gb")
@@ -71,7 +82,7 @@ def test_peak_memory_counts_weights_kv_vision_and_activations():
 
 
 def test_deadline_prediction_from_the_speed_figures():
-    speed = SpeedFigures(tile_encode_s=1.0, prefill_tok_s=100.0, decode_tok_s=10.0)
+    speed = SpeedFigures(tile_encode_s=1.0, prefill_tok_s=100.0, decode_tok_s=10.0, source="calibrated 2026-01-01")
     profile = replace(PI4, speed=speed)
     est = estimate(shape(prompt=200, new=50, tiles=2), MANIFEST, profile)
     assert est.first_token_s == pytest.approx(2.0 + 2.0)
@@ -79,10 +90,10 @@ def test_deadline_prediction_from_the_speed_figures():
     fast_enough = decide(shape(prompt=200, new=50), MANIFEST, profile, LocalHealth(), PolicyConfig(deadline_s=9.5))
     assert fast_enough.route == "local"
     too_slow = decide(shape(prompt=200, new=50), MANIFEST, profile, LocalHealth(), PolicyConfig(deadline_s=5))
-    assert too_slow.route == "cloud"
+    assert (too_slow.route, too_slow.code, too_slow.kinds) == ("cloud", "deadline", ("deadline",))
     assert too_slow.reason == "predicted 9.0 s locally on raspberry-pi-5-4gb > 5 s deadline"
-    first = decide(shape(prompt=200, new=50), MANIFEST, profile, LocalHealth(), PolicyConfig(first_token_deadline_s=3))
-    assert first.reason == "predicted first token after 4.0 s on raspberry-pi-5-4gb > 3 s first-token deadline"
+    first = decide(shape(prompt=200, new=50), MANIFEST, profile, LocalHealth(), PolicyConfig(first_token_deadline_s=2))
+    assert first.reason == "predicted first token after 4.0 s on raspberry-pi-5-4gb > 2 s first-token deadline"
 
 
 def test_every_oversize_reason_is_named():
@@ -187,11 +198,28 @@ def test_auto_profile_uses_the_detected_machine():
     assert p.speed.source == "estimated"
 
 
-def test_stored_calibration_overrides_the_profiles_speed(tmp_path):
-    save_calibration(tmp_path, "raspberry-pi-5-4gb", SpeedFigures(0.5, 99.0, 9.0, source="calibrated 2026-01-01"))
-    p = load_profile("raspberry-pi-5-4gb", cache_dir=tmp_path)
-    assert p.speed == SpeedFigures(0.5, 99.0, 9.0, source="calibrated 2026-01-01")
-    assert json.loads((tmp_path / "calibration" / "raspberry-pi-5-4gb.json").read_text())["prefill_tok_s"] == 99.0
+def test_stored_calibration_is_per_bundle_and_device(tmp_path):
+    other = replace(MANIFEST, files={"onnx/decoder.onnx": FileEntry("ab" * 32, 10)})
+    record = Calibration(bundle_key(MANIFEST), "onnx", device_id(), SpeedFigures(0.5, 99.0, 9.0, "calibrated 2026-01-01"),
+                         None, "m")
+    path = save_calibration(tmp_path, record)
+    assert path == tmp_path / "calibration" / bundle_key(MANIFEST) / f"onnx-{device_id()}.json"
+    assert load_calibration(tmp_path, bundle_key(MANIFEST), "onnx") == record
+    # another bundle, another backend or another device finds nothing: one bundle's figures never serve another
+    assert bundle_key(other) != bundle_key(MANIFEST) and load_calibration(tmp_path, bundle_key(other), "onnx") is None
+    assert load_calibration(tmp_path, bundle_key(MANIFEST), "executorch") is None
+    assert load_calibration(tmp_path, bundle_key(MANIFEST), "onnx", device="riscv64-1c-1g-cpu") is None
+    p = apply_calibration(PI4, load_calibration(tmp_path, bundle_key(MANIFEST), "onnx"))
+    assert p.speed.prefill_tok_s == 99.0 and p.memory_budget_bytes == PI4.memory_budget_bytes
+
+
+def test_old_per_profile_calibrations_are_ignored(tmp_path):
+    """18 #7: a per-profile record applied one bundle's speed to another (34.7 s predicted for a 1.9 s run)."""
+    (tmp_path / "calibration").mkdir()
+    old = tmp_path / "calibration" / "raspberry-pi-5-4gb.json"
+    old.write_text(json.dumps({"tile_encode_s": 9.0, "prefill_tok_s": 1.0, "decode_tok_s": 0.1}))
+    assert load_profile("raspberry-pi-5-4gb", cache_dir=tmp_path).speed == PI4.speed
+    assert legacy_calibrations(tmp_path) == [old]
 
 
 def test_unknown_profile_is_a_config_error():

@@ -111,7 +111,7 @@ def test_j_without_pyav_a_video_goes_only_within_the_byte_cap(monkeypatch):
     small_cap = UploadConfig(video_max_bytes=len(clip) - 1)
     with pytest.raises(VideoDecoderMissingError, match="cannot be re-encoded without PyAV") as info:
         uploads_module.video_data_url(clip, small_cap)
-    assert info.value.hint == "pip install 'smoledge[video]'"
+    assert info.value.hint == "install PyAV: pip install -e '.[video]' in the smoledge clone"
     url = uploads_module.video_data_url(clip, UploadConfig(max_pixels=100, video_max_bytes=len(clip)))
     assert base64.b64decode(url.split(",", 1)[1]) == clip
 

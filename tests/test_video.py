@@ -279,4 +279,4 @@ def test_missing_pyav_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(VideoError, match="needs PyAV") as info:
         plan_video(tmp_path / "x.mp4", CFG)
-    assert "smoledge[video]" in info.value.hint
+    assert "pip install -e '.[video]'" in info.value.hint
