@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("smoledge.export.cli", "export a SmolVLM checkpoint to a phone-ready bundle"),
     "demo-model": ("smoledge.export.demo_models", "build an offline demo model (real-text or tiny)"),
     "run": ("smoledge.run", "answer a prompt (with images) from a bundle"),
+    "chat": ("smoledge.chat", "chat with a bundle over several turns (images allowed) on the terminal"),
     "bundle": ("smoledge.bundle_cli", "verify or describe a bundle"),
     "fidelity": ("smoledge.fidelity", "compare a quantized bundle against fp32"),
     "doctor": ("smoledge.doctor", "show what this device can run; calibrate its speed"),
