@@ -87,7 +87,8 @@ def test_ctrl_c_while_chat_decodes(realtext_int4_bundle):
 
 
 def test_ctrl_c_while_serve_streams(realtext_int4_bundle):
-    out = _start("serve", str(realtext_int4_bundle), "--port", "0", "--shutdown-grace", "0")
+    """(Started with --no-access-log, which the test checks too: no request line is written.)"""
+    out = _start("serve", str(realtext_int4_bundle), "--port", "0", "--shutdown-grace", "0", "--no-access-log")
     out.wait_for(lambda text: re.search(r"on http://127\.0\.0\.1:\d+/v1", text))
     url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", out.text()).group(1)
     body = {"messages": [{"role": "user", "content": STORY}], "max_tokens": 1500, "stream": True}
@@ -101,6 +102,7 @@ def test_ctrl_c_while_serve_streams(realtext_int4_bundle):
     assert '"code": "cancelled"' in rest  # the open stream got its final error event
     rc, text = out.finish()
     _assert_clean(rc, text, "serve")
+    assert "smoledge serve: POST" not in text and "smoledge serve: GET" not in text
 
 
 def test_ctrl_c_during_export_leaves_no_bundle(tiny_model_dir, tmp_path):
@@ -136,3 +138,22 @@ def test_deferred_records_ctrl_c_until_a_check():
     with interrupts.deferred():
         interrupts.check()  # nothing pressed: nothing raised
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_interrupt_a_library_turned_into_its_own_error_is_still_an_interrupt():
+    """torch's ONNX export, cut short inside an import, raises ``ImportError: initialization failed``; the
+    command still ends as interrupted (smoledge.cli wraps every command in ``recorded``)."""
+    from smoledge import interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts.recorded():
+        with pytest.raises(ImportError):
+            try:
+                signal.raise_signal(signal.SIGINT)  # raises at once, as Python's own handler does
+            except KeyboardInterrupt:
+                raise ImportError("initialization failed") from None
+        assert interrupts.requested()
+        with interrupts.recorded():  # nested: the request stays until the outermost block ends
+            pass
+        assert interrupts.requested()
+    assert not interrupts.requested() and signal.getsignal(signal.SIGINT) is before
