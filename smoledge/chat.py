@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from smoledge.errors import ConfigError, SmolEdgeError
 from smoledge.runtime.formats import add_backend_arguments, backend_options_from_args
@@ -92,21 +93,31 @@ class ChatSession:
         from smoledge import interrupts
 
         if self.interactive:
-            print(f"smoledge chat: {self.conv.pipe.manifest.source.model_id or 'bundle'} "
-                  "(/help for commands, Ctrl-D to end)", file=self.err, flush=True)
+            print(f"smoledge chat: {Path(self.args.bundle).resolve().name} (/help for commands, Ctrl-D to end)",
+                  file=self.err, flush=True)
         while True:
-            if self.interactive:
-                print(">>> ", end="", file=self.out, flush=True)
             try:
-                line = lines.readline()
+                line = self._read(lines)
             except KeyboardInterrupt:
                 if self.interactive:
                     interrupts.end_line(self.out)
                 raise
-            if not line:
+            if not line or not self.handle(line):
                 return 1 if self.failed else 0
-            if not self.handle(line):
-                return 1 if self.failed else 0
+
+    def _read(self, lines) -> str:
+        """The next line ("" at the end); on a terminal with a ``>>>`` prompt and line editing."""
+        if not self.interactive:
+            return lines.readline()
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+        except ImportError:
+            pass
+        try:
+            return input(">>> ") + "\n"
+        except EOFError:
+            print(file=self.out, flush=True)
+            return ""
 
     def handle(self, line: str) -> bool:
         """Act on one line; False to end the chat."""

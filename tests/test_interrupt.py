@@ -157,3 +157,47 @@ def test_an_interrupt_a_library_turned_into_its_own_error_is_still_an_interrupt(
             pass
         assert interrupts.requested()
     assert not interrupts.requested() and signal.getsignal(signal.SIGINT) is before
+
+
+def test_chat_on_a_terminal_prompts_answers_and_ends_on_ctrl_c_at_the_prompt(realtext_int4_bundle):
+    import os
+    import pty
+    import select
+
+    from conftest import PARIS_QUESTION
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: smoledge chat on the pty (never back into pytest)
+        try:
+            os.chdir(REPO)
+            os.execv(sys.executable, [sys.executable, "-m", "smoledge.cli", "chat", str(realtext_int4_bundle),
+                                      "--max-new-tokens", "12", "--temperature", "0"])
+        finally:
+            os._exit(127)
+    seen = b""
+
+    def read_until(done, timeout: float = 180) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while not done(seen) and time.monotonic() < end:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    return
+
+    try:
+        read_until(lambda b: b">>> " in b)
+        os.write(fd, f"{PARIS_QUESTION}\n".encode())
+        read_until(lambda b: b.count(b">>> ") >= 2)  # answered, and prompting again
+        os.kill(pid, signal.SIGINT)
+        read_until(lambda b: b"interrupted" in b, 30)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = seen.decode("utf-8", "replace").replace("\r\n", "\n")
+    assert os.waitstatus_to_exitcode(status) == 130, text
+    assert f"smoledge chat: {realtext_int4_bundle.name} (/help for commands, Ctrl-D to end)" in text
+    answer = text.split(f"{PARIS_QUESTION}\n", 1)[1].split("\n>>> ", 1)[0]
+    assert "Paris" in answer, text
+    assert text.endswith(">>> \nsmoledge chat: interrupted\n") and not any(a in text for a in ABORTS), text
