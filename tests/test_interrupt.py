@@ -193,6 +193,7 @@ def test_chat_on_a_terminal_prompts_answers_and_ends_on_ctrl_c_at_the_prompt(rea
         os.kill(pid, signal.SIGINT)
         read_until(lambda b: b"interrupted" in b, 30)
         _, status = os.waitpid(pid, 0)
+        read_until(lambda b: False, 2)  # the rest, up to the pty's end
     finally:
         os.close(fd)
     text = seen.decode("utf-8", "replace").replace("\r\n", "\n")
