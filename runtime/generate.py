@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from smoledge.errors import DegenerateOutputError
+from smoledge.interrupts import check as check_interrupt
 from smoledge.runtime.types import SamplingConfig, StreamChunk
 
 
@@ -50,8 +51,10 @@ class Sampler:
 
 def generate_step(backend, prompt_embeds: np.ndarray, cache, sampler: Sampler,
                   max_new_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Layer 1: prefill ``prompt_embeds`` then decode; yields each token with the logits it came from."""
+    """Layer 1: prefill ``prompt_embeds`` then decode; yields each token with the logits it came from.
+    A Ctrl-C (:mod:`smoledge.interrupts`) is acted on between steps, never inside the backend."""
     history: list[int] = []
+    check_interrupt()
     logits = backend.step(prompt_embeds, cache)
     while True:
         if not np.isfinite(logits).all():
@@ -62,6 +65,7 @@ def generate_step(backend, prompt_embeds: np.ndarray, cache, sampler: Sampler,
         yield token, logits
         if len(history) >= max_new_tokens:
             return
+        check_interrupt()
         logits = backend.step(backend.embed(np.array([[token]], dtype=np.int64)), cache)
 
 

@@ -99,7 +99,8 @@ class Pipeline:
             self.video_config = self.video_config.with_max_frames(max_frames)
 
     # ------------------------------------------------------------------ prompt
-    def _prompt_ids(self, request: ChatRequest, grids, videos: Sequence[VideoPlan] = ()) -> np.ndarray:
+    def prompt_ids(self, request: ChatRequest, grids, videos: Sequence[VideoPlan] = ()) -> np.ndarray:
+        """The tokenized prompt of ``request`` for these tile grids and video plans, [1, S] int64."""
         m = self.manifest
         template, video_prompts, video = m.chat_template, [], self.video_config
         if videos:  # SmolVLM2: a request with a video is rendered with the video chat template
@@ -136,7 +137,7 @@ class Pipeline:
         self._check_request(request)
         grids = tuple(tile_grid(*peek_image_size(img), self.image_config) for img in request.images())
         plans = tuple(plan_video(video, self.video_config) for video in request.videos())
-        ids = self._prompt_ids(request, grids, plans)
+        ids = self.prompt_ids(request, grids, plans)
         shape = RequestShape(prompt_tokens=ids.shape[1], max_new_tokens=request.sampling.max_new_tokens,
                              image_tiles=sum(tiles_in_grid(r, c) for r, c in grids), images=len(grids),
                              video_frames=sum(plan.frames for plan in plans))
@@ -161,7 +162,7 @@ class Pipeline:
         grids, video_plans = images.grids if images else (), [v.plan for v in videos]
         ids = self._measured_ids(request, grids, video_plans)
         if ids is None:
-            ids = self._prompt_ids(request, grids, video_plans)
+            ids = self.prompt_ids(request, grids, video_plans)
         total = ids.shape[1] + request.sampling.max_new_tokens
         if total > self.context_length:
             raise PromptTooLongError(

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from smoledge import __version__
+from smoledge import __version__, interrupts
 from smoledge.errors import SmolEdgeError
 from smoledge.redact import redact
 
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("smoledge.export.cli", "export a SmolVLM checkpoint to a phone-ready bundle"),
     "demo-model": ("smoledge.export.demo_models", "build an offline demo model (real-text or tiny)"),
     "run": ("smoledge.run", "answer a prompt (with images) from a bundle"),
+    "chat": ("smoledge.chat", "chat with a bundle over several turns (images allowed) on the terminal"),
     "bundle": ("smoledge.bundle_cli", "verify or describe a bundle"),
     "fidelity": ("smoledge.fidelity", "compare a quantized bundle against fp32"),
     "doctor": ("smoledge.doctor", "show what this device can run; calibrate its speed"),
@@ -51,23 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args._main(args) or 0)
-    except SmolEdgeError as err:
-        if args.debug:
+    with interrupts.recorded():  # Ctrl-C stays an interrupt even where a library turns it into its own error
+        try:
+            return int(args._main(args) or 0)
+        except SmolEdgeError as err:
+            if args.debug:
+                raise
+            if interrupts.requested():
+                return _interrupted(args)
+            print(f"smoledge {args.command}: error: {redact(str(err))}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            return _interrupted(args)
+        except MemoryError:
+            if args.debug:
+                raise
+            print(f"smoledge {args.command}: error: out of memory (try a smaller image or model)", file=sys.stderr)
+            return 3
+        except Exception:
+            if interrupts.requested() and not args.debug:
+                return _interrupted(args)
             raise
-        print(f"smoledge {args.command}: error: {redact(str(err))}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(f"smoledge {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if args.debug:
-            raise
-        print(f"smoledge {args.command}: error: out of memory (try a smaller image or model)", file=sys.stderr)
-        return 3
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    print(f"smoledge {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

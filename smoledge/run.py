@@ -85,6 +85,7 @@ def prompt_text(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from smoledge import interrupts
     from smoledge.cloud_fallback import answer, format_decision, router_config_from_args
     from smoledge.progress import first_token_wait
     from smoledge.redact import redact
@@ -104,14 +105,22 @@ def main(args: argparse.Namespace) -> int:
         if args.stats or decision.route == "cloud":  # a refusal is raised as the error itself
             print(redact(format_decision(decision)), file=sys.stderr, flush=True)
 
-    result = answer(request, pipe, config=config, on_decision=show)
     pieces = []
-    with first_token_wait(result, request) as wait:  # a video: what is decoded before the first token
-        for chunk in result:
-            wait.close()
-            pieces.append(chunk.text)
-            if args.stream and chunk.text:
-                print(chunk.text, end="", flush=True)
+    result = answer(request, pipe, config=config, on_decision=show)
+    with interrupts.deferred():  # Ctrl-C stops between decoder steps, not inside onnxruntime
+        try:
+            with first_token_wait(result, request) as wait:  # a video: what is decoded before the first token
+                for chunk in result:
+                    wait.close()
+                    if result.decision.route == "cloud":  # local chunks: the worker stops between its steps
+                        interrupts.check()
+                    pieces.append(chunk.text)
+                    if args.stream and chunk.text:
+                        print(chunk.text, end="", flush=True)
+        except KeyboardInterrupt:
+            if args.stream and "".join(pieces):
+                interrupts.end_line()
+            raise
     print("" if args.stream else "".join(pieces).strip())
     if args.stats and result.decision.route == "local":
         s = pipe.last_stats

@@ -76,7 +76,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("local engine")
     add_backend_arguments(run)
     run.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    run.add_argument("--access-log", action="store_true", help="log every request")
+    run.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                     help="one line per request on stderr: method, path, status, route, tokens, seconds (never "
+                     "the API key, a prompt or an image); --no-access-log turns it off (default on)")
     add_routing_arguments(parser)
 
 

@@ -1,7 +1,8 @@
 """The HTTP face of ``smoledge serve``: a Starlette app over a :class:`~smoledge.server_worker.Service`.
 
 Routes: ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, ``GET /v1/models/{id}``,
-``GET /health``.  Every error is an OpenAI error body.  This module imports the web stack (the
+``GET /health``, and the chat page at ``GET /`` (``/chat.js``, ``/chat.css``: static package data in
+``smoledge/web/`` that talks to the same ``/v1`` API).  Every error is an OpenAI error body.  This module imports the web stack (the
 ``[serve]`` extra); nothing in the light runtime imports it.  :func:`run_server` runs the app with
 uvicorn on a socket bound by the caller, so tests can use an ephemeral port.
 """
@@ -27,6 +28,7 @@ from starlette.routing import Route as HttpRoute
 
 from smoledge.errors import SmolEdgeError
 from smoledge.redact import install_log_filter
+from smoledge.server_access import SCOPE_KEY, AccessLog, AccessRecord
 from smoledge.runtime.server_conn import ConnectionLimits, protocol_class
 from smoledge.runtime.server_errors import ApiError, error_for
 from smoledge.runtime.server_guard import AccessRules, Guard
@@ -65,7 +67,8 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
-    message = {404: f"no route {request.url.path}; this server offers /v1/chat/completions, /v1/models, /health",
+    message = {404: f"no route {request.url.path}; this server offers /v1/chat/completions, /v1/models, /health "
+                    "and its chat page at /",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(status, str(exc))
     code = {404: "not_found", 405: "method_not_allowed"}.get(status)
     return _error_response(ApiError(status, message, code=code, headers=getattr(exc, "headers", None)))
@@ -147,19 +150,23 @@ class _Handlers:
             _raise_if_failed(first)
             cid, route = new_id(), job.route
             headers = route.headers() if route is not None else {}
+            record = request.scope.get(SCOPE_KEY) or AccessRecord()
+            record.route = route.route if route is not None else None
             if parsed.stream:
-                stream = self._sse(job, parsed, first, cid, watcher)
+                stream = self._sse(job, parsed, first, cid, watcher, record)
                 handed_over = True
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={**headers, "Cache-Control": "no-cache"})
             text, finish, usage = await _collect(job, first)
+            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
             return JSONResponse(completion(cid, self.service.model_id, text, finish, usage, job.route), headers=headers)
         finally:
             if not handed_over:
                 job.cancel()
                 watcher.cancel()
 
-    async def _sse(self, job: Job, parsed: ParsedChat, first: tuple, cid: str, watcher) -> AsyncIterator[bytes]:
+    async def _sse(self, job: Job, parsed: ParsedChat, first: tuple, cid: str, watcher,
+                   record: AccessRecord) -> AsyncIterator[bytes]:
         model = self.service.model_id
         try:
             yield sse(chunk(cid, model, {"role": "assistant", "content": ""}, route=job.route))
@@ -172,6 +179,7 @@ class _Handlers:
             if kind != "end":
                 yield sse(_failure(kind, payload).body())
                 return
+            record.prompt_tokens, record.completion_tokens = payload.prompt_tokens, payload.completion_tokens
             yield sse(chunk(cid, model, {}, finish or "stop", route=job.route))
             if parsed.include_usage:
                 yield sse(usage_chunk(cid, model, payload))
@@ -232,6 +240,29 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
             return
 
 
+# The chat page (package data in smoledge/web/): static files that talk to this server's own /v1 API.
+PAGE_FILES = {"/": "index.html", "/chat.js": "chat.js", "/chat.css": "chat.css"}
+_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+               ".css": "text/css; charset=utf-8"}
+# Its own scripts and styles only; images as data: / blob: URLs (the picked file); fetches to this server only.
+_PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _page_file(name: str):
+    from importlib.resources import files
+
+    body = (files("smoledge") / "web" / name).read_bytes()
+    kind = _PAGE_TYPES[name[name.rindex("."):]]
+    headers = {"Content-Security-Policy": _PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+               "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
+
+    async def page(request: Request) -> Response:
+        return Response(body, media_type=kind, headers=headers)
+
+    return page
+
+
 def create_app(service: Service, settings: ServerSettings, *, fetcher=None) -> Starlette:
     """The ASGI app; ``fetcher(url, limits, where) -> bytes`` replaces the remote image fetch (tests)."""
     h = _Handlers(service, settings, fetcher)
@@ -241,7 +272,8 @@ def create_app(service: Service, settings: ServerSettings, *, fetcher=None) -> S
         yield
         await run_in_threadpool(service.shutdown, 5.0)
 
-    routes = [HttpRoute("/v1/chat/completions", h.chat, methods=["POST"]),
+    routes = [*(HttpRoute(path, _page_file(name), methods=["GET"]) for path, name in PAGE_FILES.items()),
+              HttpRoute("/v1/chat/completions", h.chat, methods=["POST"]),
               HttpRoute("/v1/models", h.models, methods=["GET"]),
               HttpRoute("/v1/models/{model:path}", h.model, methods=["GET"]),
               HttpRoute("/health", h.health, methods=["GET"])]
@@ -274,9 +306,12 @@ class SmolServer(uvicorn.Server):
 
 def make_server(service: Service, settings: ServerSettings, *, log_level: str = "warning",
                 access_log: bool = False, fetcher=None) -> SmolServer:
+    """The server; ``access_log``: one line per request on stderr (:mod:`smoledge.server_access`)."""
     app = Guard(create_app(service, settings, fetcher=fetcher), settings.access)
+    if access_log:
+        app = AccessLog(app)  # outside the guard: refused requests are logged too
     limits = settings.connections
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, http=protocol_class(limits),
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, http=protocol_class(limits),
                             timeout_keep_alive=max(1, math.ceil(limits.idle_timeout_s)), limit_concurrency=None,
                             ws="none", lifespan="on", server_header=False)
     install_log_filter("smoledge.serve", "uvicorn", "uvicorn.error", "uvicorn.access")
