@@ -21,9 +21,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"quantization recipe: {', '.join(builtin_recipes())} or a recipe .json (default int4)")
     parser.add_argument("--vision-precision", choices=["fp32", "int8", "int4"],
                         help="override the recipe for the vision encoder and connector")
-    for spec in FORMATS.values():  # each target's own flags, from the format registry
+    added = set()
+    for spec in FORMATS.values():  # each target's own flags, from the format registry (--context: one for all)
         for flag in spec.export_flags:
-            parser.add_argument(flag.flag, default=flag.default, choices=list(flag.choices) or None, help=flag.help)
+            if flag.flag not in added:
+                parser.add_argument(flag.flag, default=flag.default, choices=list(flag.choices) or None,
+                                    help=flag.help)
+                added.add(flag.flag)
+    for old, (_fmt, new) in DEPRECATED_FLAGS.items():  # hidden: still accepted, with a one-line notice
+        parser.add_argument(old, dest=_deprecated_dest(old), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cloud-model", dest="cloud_models", action="append", default=[], metavar="TARGET",
                         help="record a cloud target in the bundle (repeatable: the substitute first, then the "
                         "alternatives; default: the package's list)")
@@ -32,6 +38,39 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also write OUT.zip beside the folder (one file to copy; 'smoledge run' opens it)")
     parser.add_argument("--no-progress", action="store_true",
                         help="print no progress (the libraries' own bars, coremltools' too, included)")
+
+
+# old flag -> (the one format it sets, the flag that replaced it)
+DEPRECATED_FLAGS = {"--max-context-len": ("executorch", "--context"), "--coreml-context": ("coreml", "--context")}
+
+
+def _deprecated_dest(flag: str) -> str:
+    return "deprecated_" + dest_of(flag)
+
+
+def dest_of(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def target_options(args: argparse.Namespace, formats: tuple[str, ...]) -> dict:
+    """Each format's target options from the flags; a deprecated alias (one line on stderr) overrides the
+    new flag for its own format."""
+    import sys
+
+    values = vars(args)
+    options = {}
+    for fmt in formats:
+        spec = FORMATS[fmt]
+        flags = {dest(f): values[dest(f)] for f in spec.export_flags}
+        given_as = {}
+        for old, (old_fmt, new) in DEPRECATED_FLAGS.items():
+            if values.get(_deprecated_dest(old)) is not None and old_fmt == fmt:
+                flags[dest_of(new)], given_as[dest_of(new)] = values[_deprecated_dest(old)], old
+        options[fmt] = spec.options_from_flags(flags, given_as)
+    for old, (_fmt, new) in DEPRECATED_FLAGS.items():
+        if values.get(_deprecated_dest(old)) is not None:
+            print(f"smoledge export: {old} is deprecated; use {new} (one flag for every format)", file=sys.stderr)
+    return options
 
 
 def _quiet_libraries(logging, warnings) -> None:
@@ -98,9 +137,7 @@ def _export(args: argparse.Namespace, progress) -> Path:
         _quiet_libraries(logging, warnings)
     formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
     recipe = with_vision_precision(load_recipe(args.quant), args.vision_precision)
-    values = vars(args)
-    options = {fmt: FORMATS[fmt].options_from_flags({dest(f): values[dest(f)] for f in FORMATS[fmt].export_flags})
-               for fmt in formats}
+    options = target_options(args, formats)
     cloud = parse_models(",".join(args.cloud_models)) if args.cloud_models else ()
     job = ExportJob(model=args.model, out=args.out, recipe=recipe, formats=formats, revision=args.revision,
                     target_options=options, adapter=args.adapter, adapter_revision=args.adapter_revision,

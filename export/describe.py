@@ -8,8 +8,8 @@ from pathlib import Path
 
 from smoledge import __version__
 from smoledge.export.loader import Checkpoint
-from smoledge.runtime.manifest import (SCHEMA_VERSION, Cloud, Generation, Manifest, Memory, Model, Source,
-                                       TextModel, TokenizerFile, Tokens, VisionModel)
+from smoledge.runtime.manifest import (SCHEMA_VERSION, CheckpointSampling, Cloud, Generation, Manifest, Memory,
+                                       Model, Source, TextModel, TokenizerFile, Tokens, VisionModel)
 from smoledge.runtime.preprocess import ImageProcessorConfig
 from smoledge.runtime.prompt import ImageTokens
 from smoledge.runtime.video import VideoConfig
@@ -42,7 +42,7 @@ def describe_model(checkpoint: Checkpoint, model, processor, adapter: dict | Non
         video=_video_section(checkpoint.path, image.tile_size),
         tokens=_tokens_section(tokenizer, config),
         chat_template=_chat_template(processor),
-        generation=_generation_section(model, tokenizer),
+        generation=_generation_section(model, tokenizer, checkpoint.path),
         memory=_memory_section(config),
         cloud=cloud,
         tokenizer=TokenizerFile("tokenizer.json"),
@@ -123,9 +123,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
-def _generation_section(model, tokenizer) -> Generation:
+def _generation_section(model, tokenizer, folder: Path) -> Generation:
     return Generation(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, eos_token_ids=tuple(_eos_ids(model, tokenizer)),
-                      temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+                      temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                      checkpoint=checkpoint_sampling(_read_json(folder / "generation_config.json")))
+
+
+def checkpoint_sampling(config: dict) -> CheckpointSampling | None:
+    """The sampling values a generation_config.json sets, as vLLM reads them: the values present, not
+    ``do_sample`` (transformers writes ``do_sample: false`` into configs derived from a model config)."""
+    kinds = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}
+    values = {key: kind(config[key]) for key, kind in kinds.items()
+              if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}
+    return CheckpointSampling(**values) if values else None
 
 
 def _chat_template(processor) -> str:

@@ -36,13 +36,14 @@ class ExportFlag:
     kind: Literal["choice", "tokens"] = "choice"
     choices: tuple[str, ...] = ()
 
-    def parse(self, text: str) -> Any:
+    def parse(self, text: str, given_as: str | None = None) -> Any:
+        """The option's value from the flag's text (``given_as``: the flag name the user typed, for errors)."""
         if self.kind == "choice":
             return None if text == "none" else text
         if text == "full":
             return None
         if not text.isdigit() or int(text) < 1:
-            raise ConfigError(f"{self.flag} takes a positive number of tokens or 'full', got {text!r}")
+            raise ConfigError(f"{given_as or self.flag} takes a positive number of tokens or 'full', got {text!r}")
         return int(text)
 
 
@@ -103,16 +104,22 @@ class FormatSpec:
             raise ConfigError(f"the {self.name} exporter needs a package that is not installed ({err.name})",
                               hint="pip install 'smoledge[export]'") from None
 
-    def options_from_flags(self, values: dict[str, str]):
-        """The target's options object from the flags' string values (flag dest -> text)."""
+    def options_from_flags(self, values: dict[str, str], given_as: dict[str, str] | None = None):
+        """The target's options object from the flags' string values (flag dest -> text; ``given_as``: dest ->
+        the flag name the user typed, where it was an alias)."""
         target = self.export_target()
-        parsed = {f.option: f.parse(values[dest(f)]) for f in self.export_flags if dest(f) in values}
+        given_as = given_as or {}
+        parsed = {f.option: f.parse(values[dest(f)], given_as.get(dest(f))) for f in self.export_flags
+                  if dest(f) in values}
         return getattr(target, self.export_options)(**parsed)
 
 
 def dest(flag: ExportFlag) -> str:
     return flag.flag.removeprefix("--").replace("-", "_")
 
+
+CONTEXT_HELP = ("KV-cache capacity in tokens, or 'full' for the model's whole context window (default 2048): the "
+                "static cache of ExecuTorch's .pte and Core ML's state; ONNX's cache grows as needed")
 
 FORMATS: dict[str, FormatSpec] = {
     "onnx": FormatSpec(
@@ -127,16 +134,14 @@ FORMATS: dict[str, FormatSpec] = {
         target="smoledge.export.target_executorch", quantizer="smoledge.quantize.torchao_quant",
         backend="smoledge.runtime.backends.executorch", artifact="ExecutorchArtifact",
         export_options="ExecutorchTargetOptions",
-        export_flags=(ExportFlag("--max-context-len", "max_context_len", "2048", "ExecuTorch: static KV-cache "
-                                 "positions in tokens, or 'full' for the model's context (default 2048)", "tokens"),),
+        export_flags=(ExportFlag("--context", "max_context_len", "2048", CONTEXT_HELP, "tokens"),),
         threads=True, parity="runtime", install="pip install 'smoledge[executorch]'", requires=("executorch",)),
     "coreml": FormatSpec(
         "coreml", "three stateful .mlpackage for Core ML (iOS 18 / macOS 15)",
         target="smoledge.export.target_coreml", quantizer="smoledge.quantize.coreml_quant",
         backend="smoledge.runtime.backends.coreml", artifact="CoreMLArtifact",
         export_options="CoreMLTargetOptions",
-        export_flags=(ExportFlag("--coreml-context", "context", "2048", "Core ML: KV-state capacity in tokens, or "
-                                 "'full' for the model's context (default 2048)", "tokens"),
+        export_flags=(ExportFlag("--context", "context", "2048", CONTEXT_HELP, "tokens"),
                       ExportFlag("--coreml-compression", "compression", "linear", "Core ML: blockwise linear "
                                  "quantization or k-means palettization (default linear)",
                                  choices=("linear", "palettize"))),
@@ -155,19 +160,90 @@ def backend_options(name: str, *, threads: int = 0, providers: tuple[str, ...] |
     return format_spec(name).backend_options(threads=threads, providers=providers)
 
 
+# --providers: short name -> (onnxruntime's name, what brings it).  Anything else passes through unchanged.
+PROVIDERS: dict[str, tuple[str, str]] = {
+    "cpu": ("CPUExecutionProvider", "every onnxruntime build"),
+    "cuda": ("CUDAExecutionProvider", "pip install onnxruntime-gpu (in place of onnxruntime); on a Jetson, "
+             "NVIDIA's onnxruntime-gpu wheel for your JetPack (the Jetson Zoo)"),
+    "tensorrt": ("TensorrtExecutionProvider", "pip install onnxruntime-gpu with TensorRT installed; on a Jetson, "
+                 "NVIDIA's onnxruntime-gpu wheel for your JetPack"),
+    "coreml": ("CoreMLExecutionProvider", "the onnxruntime wheel for macOS (pip install onnxruntime on a Mac)"),
+    "nnapi": ("NnapiExecutionProvider", "onnxruntime-android (the Android package; not on desktop Linux)"),
+    "xnnpack": ("XnnpackExecutionProvider", "an onnxruntime built with --use_xnnpack (onnxruntime-android and "
+                "onnxruntime-mobile include it)"),
+}
+
+
+def provider_name(name: str) -> str:
+    """onnxruntime's name for a short name, any case ("CUDA" -> "CUDAExecutionProvider"); others as given."""
+    entry = PROVIDERS.get(name.strip().lower())
+    return entry[0] if entry else name.strip()
+
+
+def parse_providers(text: str | None, available: list[str] | None = None) -> tuple[str, ...] | None:
+    """``--providers`` as onnxruntime's names; a provider missing from ``available`` (onnxruntime's list, when
+    known) is a one-line error naming the package that brings it."""
+    if not text:
+        return None
+    names = tuple(provider_name(p) for p in text.split(",") if p.strip())
+    if not names:
+        raise ConfigError("--providers is empty", hint=f"name one or more of {', '.join(PROVIDERS)}")
+    missing = [n for n in names if available is not None and n not in available]
+    if missing:
+        brings = {full: package for full, package in PROVIDERS.values()}
+        how = "; ".join(f"{n}: {brings.get(n, 'a custom onnxruntime build')}" for n in missing)
+        raise BackendUnavailableError(f"execution provider {', '.join(missing)} is not in this onnxruntime build "
+                                      f"(it has {', '.join(available)})", hint=how)
+    return names
+
+
+def onnxruntime_providers() -> list[str] | None:
+    """The installed onnxruntime's execution providers, None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return list(onnxruntime.get_available_providers())
+
+
+def pick_backend(held: list[str] | tuple[str, ...], where: str = "the bundle") -> str:
+    """The backend to run a bundle holding the formats ``held`` with, when ``--backend`` is not given: the
+    first format in registry order that the bundle holds and this machine can run."""
+    for name, spec in FORMATS.items():
+        if name in held and spec.runs_here():
+            return name
+    installs = "; ".join(f"{FORMATS[n].name}: {FORMATS[n].install or 'pip install onnxruntime'}"
+                         for n in held if n in FORMATS)
+    raise BackendUnavailableError(f"{where} holds {', '.join(held) or 'no format'}, and no backend for "
+                                  f"{'it' if len(held) == 1 else 'them'} runs on this machine",
+                                  hint=installs or "re-export the bundle with --format onnx")
+
+
 def add_backend_arguments(parser) -> None:
     """``--backend``, ``--providers``, ``--threads``: the same for ``run`` and ``serve``, from the format registry."""
     threaded = ", ".join(name for name, spec in FORMATS.items() if spec.threads)
     with_providers = ", ".join(name for name, spec in FORMATS.items() if spec.providers)
-    parser.add_argument("--backend", default="onnx", choices=sorted(FORMATS), help="which artifacts to run")
+    parser.add_argument("--backend", default=None, choices=sorted(FORMATS),
+                        help="which artifacts to run (default: the first of "
+                        f"{', '.join(FORMATS)} that the bundle holds and this machine runs)")
     parser.add_argument("--providers", default=None,
-                        help="comma-separated onnxruntime execution providers: cuda, tensorrt, coreml, nnapi, xnnpack, "
-                        f"cpu, or a full name (CUDAExecutionProvider), for {with_providers} "
+                        help=f"comma-separated onnxruntime execution providers for {with_providers}: "
+                        f"{', '.join(PROVIDERS)} (any case) or a full name (CUDAExecutionProvider) "
                         f"(default {','.join(FORMATS['onnx'].providers)})")
     parser.add_argument("--threads", type=int, default=0,
                         help=f"intra-op threads for {threaded} (0 = runtime default)")
 
 
+def resolve_backend(args, held: list[str] | tuple[str, ...], where: str = "the bundle") -> str:
+    """``--backend`` as given, else :func:`pick_backend`; stored back on ``args`` for later messages."""
+    if getattr(args, "backend", None) is None:
+        args.backend = pick_backend(held, where)
+    return args.backend
+
+
 def backend_options_from_args(args) -> dict[str, Any]:
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None
-    return backend_options(args.backend, threads=args.threads, providers=providers)
+    """The chosen backend's options; ``--providers`` checked against the installed onnxruntime first."""
+    backend = args.backend or "onnx"
+    available = onnxruntime_providers() if format_spec(backend).providers and args.providers else None
+    providers = parse_providers(args.providers, available)
+    return backend_options(backend, threads=args.threads, providers=providers)

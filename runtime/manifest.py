@@ -91,6 +91,16 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class CheckpointSampling:
+    """The sampling values the checkpoint's generation_config.json sets (None: it leaves that one unset)."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
 class Generation:
     max_new_tokens: int
     eos_token_ids: tuple[int, ...] = field(metadata={"min_items": 1})
@@ -98,6 +108,9 @@ class Generation:
     top_k: int
     top_p: float
     repetition_penalty: float
+    # what the checkpoint's generation_config.json sets; None: it has none, or sets no sampling value.  The CLI
+    # and the server start from it (smoledge.runtime.defaults); the four fields above are the library's greedy.
+    checkpoint: CheckpointSampling | None = None
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,11 @@ def json_depth(body: bytes) -> int:
 
 
 def parse_chat(body: bytes, limits: ImageLimits, *, default_max_tokens: int, fetcher=None,
-               max_depth: int = MAX_JSON_DEPTH) -> ParsedChat:
-    """Validate a ``/v1/chat/completions`` body; decode and check its images (blocking: run in a thread)."""
+               max_depth: int = MAX_JSON_DEPTH, defaults: SamplingConfig = SamplingConfig()) -> ParsedChat:
+    """Validate a ``/v1/chat/completions`` body; decode and check its images (blocking: run in a thread).
+    ``defaults``: the sampling where the request is silent (`smoledge serve`: the checkpoint's
+    generation_config, else OpenAI's temperature 1 / top_p 1; top-k and the repetition penalty, which the
+    OpenAI API has no parameter for, come from it only)."""
     data = parse_json(body, max_depth)
     _refuse_unsupported(data)
     messages = _messages(data.get("messages"), limits, fetcher)
@@ -107,7 +110,7 @@ def parse_chat(body: bytes, limits: ImageLimits, *, default_max_tokens: int, fet
     options = _typed(data, "stream_options", dict, None) or {}
     include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     model = _typed(data, "model", str, None)
-    request = ChatRequest(messages, _sampling(data, default_max_tokens))
+    request = ChatRequest(messages, _sampling(data, default_max_tokens, defaults))
     try:
         check_request(request)  # the checks `smoledge run` makes too (seed range, UTF-8, ...)
     except ParameterError as err:
@@ -150,7 +153,7 @@ def _number(data: dict[str, Any], key: str, default: float, low: float, high: fl
     return float(value)
 
 
-def _sampling(data: dict[str, Any], default_max_tokens: int) -> SamplingConfig:
+def _sampling(data: dict[str, Any], default_max_tokens: int, defaults: SamplingConfig) -> SamplingConfig:
     max_tokens = data.get("max_completion_tokens")
     key = "max_completion_tokens"
     if max_tokens is None:
@@ -164,8 +167,10 @@ def _sampling(data: dict[str, Any], default_max_tokens: int) -> SamplingConfig:
     seed = data.get("seed")
     if seed is not None and type(seed) is not int:
         raise bad(f"seed must be an integer, got {_json_type(seed)}", "seed", "invalid_type")
-    return SamplingConfig(max_new_tokens=max_tokens, temperature=_number(data, "temperature", 0.0, 0.0, 2.0),
-                          top_p=_number(data, "top_p", 1.0, 0.0, 1.0, open_low=True), seed=seed, stop=_stop(data))
+    temperature = _number(data, "temperature", defaults.temperature, 0.0, 2.0)
+    return SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
+                          top_p=_number(data, "top_p", defaults.top_p, 0.0, 1.0, open_low=True), top_k=defaults.top_k,
+                          repetition_penalty=defaults.repetition_penalty, seed=seed, stop=_stop(data))
 
 
 def _stop(data: dict[str, Any]) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from smoledge.redact import redact
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("smoledge.export.cli", "export a SmolVLM checkpoint to a phone-ready bundle"),
     "demo-model": ("smoledge.export.demo_models", "build an offline demo model (real-text or tiny)"),
-    "run": ("smoledge.run", "answer a prompt (with images) from a bundle"),
+    "run": ("smoledge.run", "answer a prompt (with images) from a bundle, a model folder or a Hub id"),
     "chat": ("smoledge.chat", "chat with a bundle over several turns (images allowed) on the terminal"),
     "bundle": ("smoledge.bundle_cli", "verify or describe a bundle"),
     "fidelity": ("smoledge.fidelity", "compare a quantized bundle against fp32"),
@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("smoledge.serve", "serve a bundle over an OpenAI-compatible HTTP API"),
     "bench": ("smoledge.benchmarks.cli", "measure bundles side by side with transformers and llama.cpp"),
     "cache": ("smoledge.cache_cli", "show what the smoledge cache holds, or prune it"),
+    "pull": ("smoledge.pull_cli", "download a pre-built bundle from the Hugging Face Hub"),
+    "push": ("smoledge.push_cli", "upload a bundle to the Hugging Face Hub"),
 }
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from smoledge.cloud_fallback import add_routing_arguments
 from smoledge.errors import ConfigError
-from smoledge.runtime.formats import add_backend_arguments, backend_options_from_args
+from smoledge.runtime.formats import add_backend_arguments
 
 if TYPE_CHECKING:
     from smoledge.runtime.manifest import Manifest
@@ -113,6 +113,7 @@ def _web_stack() -> None:
 
 
 def settings_from_args(args: argparse.Namespace, manifest: Manifest):
+    from smoledge.runtime.defaults import SERVER, sampling_defaults
     from smoledge.runtime.server_conn import ConnectionLimits
     from smoledge.runtime.server_guard import AccessRules
     from smoledge.server_app import ServerSettings
@@ -128,6 +129,7 @@ def settings_from_args(args: argparse.Namespace, manifest: Manifest):
                                    idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     return ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * MB), images=images,
                           default_max_tokens=manifest.generation.max_new_tokens,
+                          sampling=sampling_defaults(manifest.generation, SERVER),
                           shutdown_grace_s=args.shutdown_grace, created=_created(manifest), access=access,
                           connections=connections)
 
@@ -171,12 +173,12 @@ def main(args: argparse.Namespace) -> int:
     _check_args(args)
     _web_stack()
     from smoledge.cloud_fallback import router_config_from_args
-    from smoledge.runtime.pipeline import Pipeline
+    from smoledge.run import load_pipeline
     from smoledge.server_app import make_server, run_server
     from smoledge.server_worker import Service
 
     config = router_config_from_args(args)
-    pipe = Pipeline.load(args.bundle, args.backend, **backend_options_from_args(args))
+    pipe = load_pipeline(args.bundle, args)
     model_id = model_id_for(pipe.manifest, args.bundle, args.model_name)
     service = Service(pipe, config, queue_size=args.queue_size, model_id=model_id)
     settings = settings_from_args(args, pipe.manifest)

@@ -43,6 +43,7 @@ from smoledge.runtime.server_protocol import (
     sse,
     usage_chunk,
 )
+from smoledge.runtime.types import SamplingConfig
 from smoledge.server_worker import Job, Service
 
 log = logging.getLogger("smoledge.serve")
@@ -54,6 +55,9 @@ class ServerSettings:
     max_body_bytes: int = 32 * MB
     images: ImageLimits = field(default_factory=ImageLimits)
     default_max_tokens: int = 256
+    # where a request is silent: `smoledge serve` passes the checkpoint's generation_config, else OpenAI's
+    # defaults (smoledge.runtime.defaults.SERVER); the library default stays greedy, as SamplingConfig() does
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     shutdown_grace_s: float = 10.0  # in-flight requests may finish within this, then they are cancelled
     created: int = 0  # the model's "created" time in /v1/models
     access: AccessRules = field(default_factory=AccessRules)  # Host / Origin / content type
@@ -119,6 +123,7 @@ class _Handlers:
             body = await _read_body(request, self.settings.max_body_bytes)
             parsed = await run_in_threadpool(parse_chat, body, self.settings.images, fetcher=self.fetcher,
                                              default_max_tokens=self.settings.default_max_tokens,
+                                             defaults=self.settings.sampling,
                                              max_depth=self.settings.max_json_depth)
             job = self.service.admit(parsed.request, asyncio.get_running_loop())
             if job is None:
