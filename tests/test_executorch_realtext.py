@@ -25,7 +25,8 @@ def bundle(realtext_et_bundle):
 
 
 def test_answers_paris_through_the_cli(bundle):
-    res = run_cli("run", str(bundle), "--backend", "executorch", "--prompt", QUESTION, "--max-new-tokens", "24")
+    res = run_cli("run", str(bundle), "--backend", "executorch", "--prompt", QUESTION, "--max-new-tokens", "24",
+                  "--temperature", "0")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
 

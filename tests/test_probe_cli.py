@@ -232,7 +232,7 @@ def test_the_raspberry_pi_profiles_verify_in_full():
 
 
 def test_prompt_file_and_stdin_give_the_same_answer_as_prompt(tiny_int4_bundle, tmp_path, capsys, monkeypatch):
-    argv = ["run", str(tiny_int4_bundle), "--no-cloud", "--max-new-tokens", "6"]
+    argv = ["run", str(tiny_int4_bundle), "--no-cloud", "--max-new-tokens", "6", "--temperature", "0"]
     assert main([*argv, "--prompt", "Describe the sea"]) == 0
     expected = capsys.readouterr().out
     prompt = tmp_path / "prompt.txt"

@@ -11,7 +11,8 @@ QUESTION = PARIS_QUESTION
 
 
 def test_int4_bundle_answers_paris(realtext_int4_bundle):
-    res = run_cli("run", str(realtext_int4_bundle), "--prompt", QUESTION, "--max-new-tokens", "24")
+    res = run_cli("run", str(realtext_int4_bundle), "--prompt", QUESTION, "--max-new-tokens", "24",
+                  "--temperature", "0")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout, res.stdout
 
@@ -20,7 +21,7 @@ def test_int4_bundle_answers_paris_with_an_image_in_the_turn(realtext_int4_bundl
     image = tmp_path / "photo.jpg"
     synthetic_image(320, 240).save(image)
     res = run_cli("run", str(realtext_int4_bundle), "--image", str(image), "--prompt", QUESTION,
-                  "--max-new-tokens", "24", "--stream", "--stats")
+                  "--max-new-tokens", "24", "--stream", "--stats", "--temperature", "0")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout, res.stdout
     assert "1 tiles" in res.stderr  # the demo model's processor does not split

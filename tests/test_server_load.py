@@ -79,12 +79,12 @@ def served(realtext_int4_bundle, module_router, tmp_path_factory):  # noqa: F811
 def test_paris_comes_out_through_the_api(served, module_router):  # noqa: F811
     client = served.client()
     raw = client.chat.completions.with_raw_response.create(
-        model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=24)
+        model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0)
     reply = raw.parse()
     assert "Paris" in reply.choices[0].message.content, reply.choices[0].message.content
     assert raw.headers["x-smoledge-route"] == "local" and reply.usage.completion_tokens > 0
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=24, stream=True))
+        model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=24, stream=True, temperature=0))
     assert streamed == reply.choices[0].message.content
     assert module_router.chat_requests() == []  # nothing went to the (fake) cloud
 
@@ -100,7 +100,7 @@ class Tally:
 
 
 def _one(client: openai.OpenAI, stream: bool) -> tuple[str, str | None]:
-    ask = dict(model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=16)
+    ask = dict(model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0)
     if not stream:
         reply = client.chat.completions.create(**ask)
         return reply.choices[0].message.content, reply.choices[0].finish_reason
@@ -186,7 +186,8 @@ def test_sigterm_lets_the_answer_in_flight_finish(served):
     def read() -> None:
         try:
             for chunk in served.client().chat.completions.create(
-                    model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=48, stream=True):
+                    model="any", messages=[{"role": "user", "content": QUESTION}], max_tokens=48, stream=True,
+                    temperature=0):
                 if chunk.choices:
                     text.append(chunk.choices[0].delta.content or "")
                     finish.append(chunk.choices[0].finish_reason)

@@ -28,7 +28,7 @@ def long_clip(tmp_path_factory):
 
 def _run(bundle, clip, *extra):
     return cli.main(["run", str(bundle), "--video", str(clip), "--prompt", "What happens?", "--max-new-tokens", "4",
-                     *extra])
+                     "--temperature", "0", *extra])
 
 
 def test_run_answers_a_video_locally(tiny_fp32_bundle, tmp_path, capsys):

@@ -16,7 +16,8 @@ from smoledge import cli
 def test_realtext_model_answers_about_a_clip(realtext_int4_bundle, tmp_path, capsys):
     clip = make_clip(tmp_path / "clip.mp4", frames=30, fps=10, width=96, height=64)  # 3 s: 3 frames
     rc = cli.main(["run", str(realtext_int4_bundle), "--video", str(clip), "--prompt",
-                   "Describe this video in one sentence.", "--max-new-tokens", "24", "--stats"])
+                   "Describe this video in one sentence.", "--max-new-tokens", "24", "--stats",
+                   "--temperature", "0"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert " 3 tiles," in out.err
