@@ -6,7 +6,8 @@ sentence), so ``smoledge run`` / ``chat`` sample by default, as ``ollama run`` a
 (llama.cpp's own is 1.0, off).  The server follows each request's parameters and, where a request is silent,
 OpenAI's defaults (:data:`SERVER`: temperature 1, top-p 1).  Either way the checkpoint's
 ``generation_config.json`` comes first where it sets a value (the manifest's ``generation.checkpoint``), as
-vLLM does.  ``temperature 0`` is greedy everywhere.
+vLLM does.  ``temperature 0`` is greedy everywhere, and on the command line it is the library's greedy exactly:
+without a ``--repetition-penalty`` (or one the checkpoint sets) it turns the default penalty off too.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def sampling_defaults(generation: Generation, fallback: SamplingConfig = CLI) ->
     return dataclasses.replace(fallback, **values)
 
 
-def describe(config: SamplingConfig) -> str:
-    """One line for ``--stats`` and the docs: what the sampler does."""
-    if config.temperature <= 0:
-        extra = f", repetition penalty {config.repetition_penalty:g}" if config.repetition_penalty != 1 else ""
-        return f"greedy{extra}"
-    return (f"temperature {config.temperature:g}, top-k {config.top_k or 'off'}, top-p {config.top_p:g}, "
-            f"repetition penalty {config.repetition_penalty:g}, seed {config.seed if config.seed is not None else 'random'}")
+def with_flags(generation: Generation, fallback: SamplingConfig, given: dict) -> SamplingConfig:
+    """:func:`sampling_defaults` with the values a user gave (``given``: field -> value, None = not given)."""
+    config = dataclasses.replace(sampling_defaults(generation, fallback),
+                                 **{k: v for k, v in given.items() if v is not None})
+    own = generation.checkpoint.repetition_penalty if generation.checkpoint is not None else None
+    if config.temperature <= 0 and given.get("repetition_penalty") is None and own is None:
+        config = dataclasses.replace(config, repetition_penalty=1.0)
+    return config

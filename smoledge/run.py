@@ -74,15 +74,13 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace, manifest):
     """The flags given, else the checkpoint's generation_config, else the CLI defaults (runtime/defaults.py)."""
-    import dataclasses
-
     from smoledge.errors import ConfigError
-    from smoledge.runtime.defaults import CLI, sampling_defaults
+    from smoledge.runtime.defaults import CLI, with_flags
 
-    base = sampling_defaults(manifest.generation, CLI)
     given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
-    config = dataclasses.replace(base, stop=tuple(args.stop), **{k: v for k, v in given.items() if v is not None})
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+             "stop": tuple(args.stop)}
+    config = with_flags(manifest.generation, CLI, given)
     if config.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
     if config.temperature < 0 or not 0 < config.top_p <= 1 or config.top_k < 0 or config.repetition_penalty <= 0:

@@ -40,7 +40,9 @@ def test_positional_prompt_answers_as_prompt_does(tiny_int4_bundle, capsys):
     assert capsys.readouterr().out == positional and positional.strip()
 
 
-@pytest.mark.parametrize("argv, needle", [([], "no prompt"), (["hi", "--prompt", "hi"], "both give the prompt")])
+@pytest.mark.parametrize("argv, needle", [([], "error: no prompt ("),
+                                          (["hi", "--prompt", "hi"], "error: PROMPT and --prompt both give the prompt "
+                                           "(give one)\n")])  # the JS CLI's test checks the same messages
 def test_no_prompt_or_two_prompts_is_one_line(tiny_int4_bundle, capsys, argv, needle):
     assert main(["run", str(tiny_int4_bundle), *argv, "--no-cloud"]) == 2
     err = capsys.readouterr().err

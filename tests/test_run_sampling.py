@@ -28,6 +28,17 @@ def test_the_checkpoint_comes_first_then_the_fallback():
     assert (got.temperature, got.top_p, got.top_k, got.repetition_penalty) == (0.6, 0.9, 0, 1.0)
 
 
+def test_greedy_on_the_command_line_is_the_librarys_greedy():
+    from smoledge.runtime.defaults import with_flags
+
+    bare = Generation(64, (2,), 0.0, 0, 1.0, 1.0)
+    assert with_flags(bare, CLI, {"temperature": 0.0}).repetition_penalty == 1.0  # no default penalty
+    assert with_flags(bare, CLI, {"temperature": 0.0, "repetition_penalty": 1.3}).repetition_penalty == 1.3
+    own = dataclasses.replace(bare, checkpoint=CheckpointSampling(repetition_penalty=1.2))
+    assert with_flags(own, CLI, {"temperature": 0.0}).repetition_penalty == 1.2
+    assert with_flags(bare, CLI, {}).repetition_penalty == 1.1
+
+
 def test_export_records_what_generation_config_sets():
     from smoledge.export.describe import checkpoint_sampling
 
@@ -62,6 +73,11 @@ def test_run_samples_by_default_and_follows_the_checkpoint(tiny_int4_bundle, tmp
     pinned = _with_checkpoint(tiny_int4_bundle, tmp_path, {"temperature": 0.0})
     assert main(["run", str(pinned), *argv]) == 0
     assert capsys.readouterr().out == greedy
+    from smoledge.runtime.pipeline import Pipeline
+    from smoledge.runtime.types import ChatRequest, Message
+
+    library = Pipeline.load(tiny_int4_bundle).generate(ChatRequest((Message.user("hi"),), SamplingConfig(16)))
+    assert greedy == library.strip() + "\n"  # --temperature 0 is SamplingConfig()'s greedy
 
 
 def test_serve_defaults_to_openai_where_the_request_is_silent(tiny_int4_bundle):
