@@ -1,12 +1,13 @@
 """``smoledge cache [--json]`` and ``smoledge cache prune [--all]``: what the smoledge cache holds.
 
 The cache (``$SMOLEDGE_CACHE_DIR`` or the user cache dir) holds built demo ``models/``, bundles
-extracted from zips (``bundles/``), verified-hash stamps (``verified/``), device ``calibration/``,
+exported by ``smoledge run MODEL`` (``exports/``) or pulled from the Hub (``hub/``), bundles extracted
+from zips (``bundles/``), verified-hash stamps (``verified/``), device ``calibration/``,
 benchmark builds (``bench/``), the cloud usage ledger, and - after a crash - leftovers: half-extracted
 ``.partial`` folders and staging folders of dead processes.  ``prune`` removes what is safe to lose
 and cheap to rebuild: leftovers, extracted copies whose zip is gone or changed, and corrupt stamps.
 ``prune --all`` also removes every extracted bundle and all stamps (re-made on the next run); it never
-removes models, calibration or the usage ledger (delete those by hand if you mean to).
+removes models, exports, pulled bundles, calibration or the usage ledger (delete those by hand if you mean to).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("models", "bundles", "extracted zips", "verify stamps", "calibration", "bench", "ledger", "leftovers")
+KINDS = ("models", "exports", "hub bundles", "bundles", "extracted zips", "verify stamps", "calibration", "bench", "ledger", "leftovers")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ def scan(root: Path) -> list[Entry]:
     entries: list[Entry] = []
     for path in _children(root / "models"):
         entries.append(Entry("models", path, _size(path)))
+    for kind, folders in (("exports", [root / "exports"]), ("hub bundles", _children(root / "hub"))):
+        for folder in folders:  # `smoledge run MODEL`'s exports, `smoledge pull`'s bundles (<owner>--<name>/<commit>)
+            dead = set(leftovers(folder))
+            for path in _children(folder):
+                stale = path in dead
+                entries.append(Entry("leftovers" if stale else kind, path, _size(path), stale=stale))
     bundles = root / "bundles"
     dead = set(leftovers(bundles)) | set(_dead_partials(bundles))
     for path in _children(bundles):

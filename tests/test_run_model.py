@@ -22,6 +22,9 @@ def test_a_model_folder_is_exported_once_then_reused(tiny_model_dir, tmp_path):
     assert "exporting" not in second.stderr
     assert (bundle / "manifest.json").stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "cache" / "exports").iterdir()] == [bundle.name]  # no leftovers
+    from smoledge.cache_cli import scan
+
+    assert [e.kind for e in scan(tmp_path / "cache") if e.path == bundle] == ["exports"]  # `smoledge cache` shows it
 
 
 def test_the_cache_key_follows_what_the_bundle_is_built_from(tiny_model_dir, tmp_path):
