@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from smoledge.errors import ConfigError
+from smoledge.errors import BundleError, ConfigError, ModelLoadError
 
 # an owner/name Hub id, as huggingface_hub validates them
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -41,7 +41,10 @@ def bundle_for(source: str, *, revision: str | None = None, quant: str | None = 
     if REPO_ID.match(source):
         from smoledge import hub
 
-        kind, snapshot = hub.probe(source, revision)
+        try:
+            kind, snapshot = hub.probe(source, revision)
+        except ModelLoadError as err:  # `run out/bundle` with a typo reads as a Hub id: say both
+            raise BundleError(f"no bundle or model folder at {source}, and {err.message}", hint=err.hint) from None
         if kind == "bundle":
             return hub.pull(source, revision)
         return cached_export(source, snapshot.name, snapshot, quant, backend)

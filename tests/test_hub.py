@@ -96,6 +96,12 @@ def test_pull_of_a_missing_repo_offline_is_one_line(offline):
     assert "not in the local Hugging Face cache" in res.stderr and "HF_HUB_OFFLINE" in res.stderr
 
 
+def test_run_of_a_path_that_is_not_there_names_both_readings(offline):
+    res = run_cli("run", "bundles/typo", "hi", "--no-cloud")
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "no bundle or model folder at bundles/typo" in res.stderr and "Hugging Face cache" in res.stderr
+
+
 def test_pull_of_a_model_repo_says_to_run_it(tiny_model_dir, offline):
     populate(offline / "hub", "smoledge-test/tiny-model", tiny_model_dir)
     res = run_cli("pull", "smoledge-test/tiny-model")
