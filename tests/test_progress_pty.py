@@ -109,7 +109,8 @@ def test_a_video_run_says_what_it_decodes_before_the_first_token(tiny_fp32_bundl
     from test_video import make_clip
 
     clip = make_clip(tmp_path / "walk.mp4", frames=30, fps=10)  # 3 s at 1 fps: 3 frames
-    args = ["run", str(tiny_fp32_bundle), "--video", str(clip), "--prompt", "What happens?", "--max-new-tokens", "6"]
+    args = ["run", str(tiny_fp32_bundle), "--video", str(clip), "--prompt", "What happens?", "--max-new-tokens", "6",
+            "--temperature", "0"]
     line = "reading video walk.mp4 / encoding 3 frames (before the first token)"
     logged = subprocess.run([*SMOLEDGE, *args], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert logged.returncode == 0, logged.stderr
