@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from smoledge.errors import ConfigError, SmolEdgeError
-from smoledge.runtime.formats import add_backend_arguments, backend_options_from_args
+from smoledge.runtime.formats import add_backend_arguments
 
 HELP = """commands:
   /image PATH [QUESTION]  attach an image (quote a PATH with spaces); with a QUESTION, ask it now
@@ -184,10 +184,10 @@ class ChatSession:
 
 def main(args: argparse.Namespace) -> int:
     from smoledge.runtime.conversation import Conversation
-    from smoledge.runtime.pipeline import Pipeline
+    from smoledge.run import load_pipeline
     from smoledge.runtime.request_check import check_threads
 
     check_threads(args.threads)
-    pipe = Pipeline.load(args.bundle, args.backend, **backend_options_from_args(args))
+    pipe = load_pipeline(args.bundle, args)  # --backend, else what the bundle holds and this machine runs
     conversation = Conversation(pipe, system=args.system, sampling=sampling_from_args(args, pipe.manifest))
     return ChatSession(conversation, args).run(sys.stdin)
