@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from smoledge.errors import ConfigError, SmolEdgeError
+from smoledge.run import add_sampling_arguments, sampling_from_args
 from smoledge.runtime.formats import add_backend_arguments
 
 HELP = """commands:
@@ -37,30 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle folder or .zip written by 'smoledge export'")
     parser.add_argument("--image", action="append", default=[], help="image for the first turn (repeatable)")
     parser.add_argument("--system", help="a system message")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit per turn "
-                        "(default: bundle's)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_arguments(parser)  # run's flags and defaults (per turn)
     add_backend_arguments(parser)
     parser.add_argument("--stats", action="store_true", help="print each turn's token and timing figures to stderr")
-
-
-def sampling_from_args(args: argparse.Namespace, manifest):
-    from smoledge.runtime.types import SamplingConfig
-
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else manifest.generation.max_new_tokens
-    if max_new < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
-        raise ConfigError("sampling settings out of range",
-                          hint="temperature >= 0, 0 < top-p <= 1, top-k >= 0, repetition-penalty > 0")
-    return SamplingConfig(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=tuple(args.stop))
 
 
 def parse_line(line: str) -> tuple[str, list[str], str]:

@@ -128,7 +128,8 @@ def test_chat_cli_on_piped_stdin(realtext_int4_bundle, tmp_path):
     turns = [PARIS_QUESTION, "/image /no/such/picture.png what is it?", f"/image {image}", "/bogus",
              "Describe the picture in one sentence.", "/reset", "/exit", "never asked"]
     proc = subprocess.run([sys.executable, "-m", "smoledge.cli", "chat", str(realtext_int4_bundle), "--stats",
-                           "--max-new-tokens", "12"], input="\n".join(turns) + "\n", capture_output=True,
+                           "--max-new-tokens", "12", "--temperature", "0"], input="\n".join(turns) + "\n",
+                          capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 1, proc.stderr  # two turns failed, the chat went on
     answers = proc.stdout.splitlines()

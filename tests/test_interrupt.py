@@ -77,7 +77,8 @@ def test_ctrl_c_while_run_decodes(realtext_int4_bundle):
 
 
 def test_ctrl_c_while_chat_decodes(realtext_int4_bundle):
-    out = _start("chat", str(realtext_int4_bundle), "--max-new-tokens", "1500", stdin=subprocess.PIPE)
+    out = _start("chat", str(realtext_int4_bundle), "--max-new-tokens", "1500", "--temperature", "0",
+                 stdin=subprocess.PIPE)
     out.proc.stdin.write(f"{STORY}\n".encode())
     out.proc.stdin.flush()
     out.wait_for(lambda text: len(text.strip()) > 20)
