@@ -114,3 +114,28 @@ def test_recipe_carries_algorithm_zero_points_and_calibration_hash():
 def test_bad_schemes_are_config_errors(scheme, message):
     with pytest.raises(ConfigError, match=message):
         Recipe.from_dict({"name": "bad", "rules": [{"match": "*", "scheme": scheme}]})
+
+
+def test_int4_mixed_fits_five_bits_per_weight_on_smollm2_shapes():
+    """The recipe's layout, by the bundle's own arithmetic (fp32 scales, no zero points, blocks padded to
+    whole blocks), on SmolLM2-135M's text weights (lm_head counted as its own matrix): <= 5.0 bits."""
+    recipe = load_recipe("int4-mixed")
+    hidden, mlp, kv, vocab, layers = 576, 1536, 192, 49216, 30
+    shapes = {"model.text_model.embed_tokens": (vocab, hidden), "lm_head": (vocab, hidden)}
+    for i in range(layers):
+        for proj, (n, k) in {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                             "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+                             "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden),
+                             "mlp.down_proj": (hidden, mlp)}.items():
+            shapes[f"model.text_model.layers.{i}.{proj}"] = (n, k)
+    bits = weights = 0
+    for name, (n, k) in shapes.items():
+        scheme = recipe.scheme_for(name)
+        assert scheme is not None and scheme.zero_points == "none", name
+        blocks = -(-k // scheme.block_size)
+        bits += n * blocks * (scheme.block_size * scheme.bits + 32)
+        weights += n * k
+    assert recipe.scheme_for("model.text_model.layers.29.mlp.down_proj").bits == 8
+    assert recipe.scheme_for("model.text_model.layers.3.mlp.down_proj").block_size == 32
+    assert 4.9 < bits / weights <= 5.0
+    assert recipe.calibration is not None
