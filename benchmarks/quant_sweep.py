@@ -29,9 +29,23 @@ GRAPHS = ("embed_tokens", "decoder_model_merged")
 EMBED = "model.text_model.embed_tokens"
 
 
-def rule(match: str, bits=4, block=32, symmetric=True, algorithm="rtn") -> dict:
+# llama.cpp's use_more_bits (llama-quant.cpp) for 30 layers: the first and last eighth, every third between
+MORE_BITS = tuple(i for i in range(30) if i < 30 // 8 or i >= 7 * 30 // 8 or (i - 30 // 8) % 3 == 2)
+
+
+def rule(match: str, bits=4, block=32, symmetric=True, algorithm="rtn", **extra) -> dict:
     return {"match": match, "scheme": {"bits": bits, "block_size": block, "symmetric": symmetric,
-                                       "algorithm": algorithm}}
+                                       "algorithm": algorithm, **extra}}
+
+
+def mixed(name: str, algorithm: str, head_block: int = 64, more_bits=MORE_BITS, **extra) -> Recipe:
+    """4-bit symmetric block 64, with v_proj 8-bit, down_proj 8-bit in ``more_bits`` layers and block 32
+    in the others, lm_head 4-bit at ``head_block``, the embedding 4-bit symmetric block 64."""
+    body = lambda match, bits=4, block=64: rule(match, bits, block, True, algorithm, **extra)  # noqa: E731
+    rules = [rule(EMBED, 4, 64, True), body("lm_head", 4, head_block), body("*.self_attn.v_proj", 8, 64),
+             *(body(f"*.layers.{i}.mlp.down_proj", 8, 64) for i in more_bits), body("*.mlp.down_proj", 4, 32),
+             body("*")]
+    return Recipe.from_dict({"name": name, "rules": rules})
 
 
 def candidate(name: str, body: dict, *first: dict, embed: dict | None = None, head: dict | None = None) -> Recipe:
@@ -44,7 +58,13 @@ def candidate(name: str, body: dict, *first: dict, embed: dict | None = None, he
 def candidates() -> dict[str, Recipe]:
     """In the order the sweep runs them (most informative first)."""
     e128, head8 = rule(EMBED, 4, 128, False), rule("lm_head", 8, 128, True)
-    out = {"int4-gptq: gptq sym b32, embed sym b32": load_recipe("int4-gptq")}
+    act = {"act_order": True}
+    out = {"gptq act-order sym b32, embed sym b32": candidate("gptq-act-b32", rule("*", 4, 32, True, "gptq", **act),
+                                                              embed=rule(EMBED, 4, 32, True)),
+           "mixed gptq act-order: b64, v 8-bit, down 8-bit x14 / b32": mixed("mixed-gptq", "gptq", **act),
+           "mixed rtn: b64, v 8-bit, down 8-bit x14 / b32": mixed("mixed-rtn", "rtn"),
+           "mixed gptq act-order, lm_head b32, no 8-bit down": mixed("mixed-gptq-h32", "gptq", 32, (), **act),
+           "int4-gptq: gptq sym b32, embed sym b32": load_recipe("int4-gptq")}
     g64 = rule("*", 4, 64, True, "gptq")
     out["gptq sym b64, v/down gptq b32, embed sym b64"] = candidate(
         "gptq-b64-vd32", g64, rule("*.self_attn.v_proj", 4, 32, True, "gptq"),
@@ -199,13 +219,116 @@ def run_one(ws: Workspace, label: str, recipe: Recipe, max_tokens: int) -> dict:
             "quantize_s": round(built, 1), "graphs": reports}
 
 
+VISION = "model.vision_model.*"
+VISION_CANDIDATES = {"int8 sym b32": (8, 32), "int8 sym b64": (8, 64), "int4 sym b32": (4, 32), "int4 sym b64": (4, 64)}
+
+
+def vision_rows(ws: Workspace) -> list[dict]:
+    """Vision encoder + connector by RTN at each candidate precision: image-feature cosine against fp32 on
+    the fidelity report's synthetic tiles, bits per weight and ms per tile.  The real-text model's vision
+    tower is seeded random (export/realtext_model.py), so this measures the quantizer's error on that
+    tower's weights, not on a trained SigLIP's."""
+    import onnx
+
+    from smoledge.fidelity import _cosine, _tiles
+    from smoledge.quantize.onnx_quant import quantize_model
+
+    raw = ws.raw_graph("vision_encoder")
+    pixels, mask = _tiles(ws.model.config.vision_config.image_size)
+    ref = _sessions({"v": raw})["v"].run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
+    rows = []
+    for label, (bits, block) in VISION_CANDIDATES.items():
+        recipe = Recipe.from_dict({"name": label, "rules": [rule("*position_embedding", None), rule(VISION, bits, block),
+                                                            rule("model.connector.*", bits, block)]})
+        proto, report = quantize_model(onnx.load(str(raw)), recipe)
+        path = ws.work / "built" / f"vision-{bits}-{block}.onnx"
+        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+        sess = _sessions({"v": path})["v"]
+        start = time.perf_counter()
+        got = sess.run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
+        rows.append({"candidate": f"vision {label}", "cosine": round(_cosine(ref, got), 5),
+                     "bits_per_weight": round(report.bits_per_weight, 3),
+                     "ms_per_tile": round(1000 * (time.perf_counter() - start) / len(pixels), 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+LAYER_ALGORITHMS = {  # label -> scheme (block 32, 4-bit): onnxruntime's quantizers beside ours, on the same layers
+    "rtn sym (onnxruntime)": {"symmetric": True}, "rtn uint4 zp (onnxruntime)": {"symmetric": False},
+    "k-quant (onnxruntime)": {"symmetric": False, "algorithm": "k-quant"},
+    "hqq float zp (onnxruntime)": {"symmetric": False, "algorithm": "hqq"},
+    "importance sym (ours)": {"symmetric": True, "algorithm": "importance"},
+    "gptq sym (ours)": {"symmetric": True, "algorithm": "gptq"},
+    "gptq act-order sym (ours)": {"symmetric": True, "algorithm": "gptq", "act_order": True},
+}
+
+
+def layer_rows(ws: Workspace, layers=(0, 15, 29)) -> list[dict]:
+    """Every linear of three decoder layers, each algorithm at 4-bit block 32: relative output error
+    ||XW - XW_q||^2 / ||XW||^2 on the activations of the scored text (which the calibration never saw)."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from tokenizers import Tokenizer
+
+    from smoledge.quantize.onnx_quant import quantize_model
+
+    names = [f"model.text_model.layers.{i}.{p}" for i in layers for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")]
+    modules = dict(ws.model.named_modules())
+    held_out, hooks = {}, []
+    for name in names:
+        hooks.append(modules[name].register_forward_pre_hook(
+            lambda _m, args, name=name: held_out.__setitem__(name, args[0][0].numpy().copy())))
+    ids = torch.tensor([Tokenizer.from_file(str(ws.tokenizer)).encode(TEXT_FILE.read_text()).ids[:256]])
+    with torch.no_grad():
+        ws.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for h in hooks:
+        h.remove()
+    weights = {n: modules[n].weight.detach().numpy().T.copy() for n in names}
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"], name=n) for i, n in enumerate(names)], "lin",
+        [onnx.helper.make_tensor_value_info(f"x{i}", onnx.TensorProto.FLOAT, [None, weights[n].shape[0]])
+         for i, n in enumerate(names)],
+        [onnx.helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [None, weights[n].shape[1]])
+         for i, n in enumerate(names)],
+        [onnx.numpy_helper.from_array(weights[n], f"w{i}") for i, n in enumerate(names)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    stats = ws.calibration(load_recipe("int4-gptq"))
+    rows = []
+    for label, extra in LAYER_ALGORITHMS.items():
+        recipe = Recipe.from_dict({"name": label, "rules": [rule("*", 4, 32, **extra)]})
+        proto, report = quantize_model(onnx.ModelProto.FromString(model.SerializeToString()), recipe, stats)
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {f"x{i}": held_out[n] for i, n in enumerate(names)})
+        err = {n: float(np.sum((held_out[n] @ weights[n] - y) ** 2) / np.sum((held_out[n] @ weights[n]) ** 2))
+               for n, y in zip(names, got)}
+        by_kind = {p: round(float(np.mean([v for n, v in err.items() if n.endswith(p)])), 5)
+                   for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+        rows.append({"candidate": f"layers {label}", "mean_rel_error": round(float(np.mean(list(err.values()))), 5),
+                     "bits_per_weight": round(report.bits_per_weight, 3), "by_kind": by_kind})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smoledge-quant-sweep"))
     parser.add_argument("--only", nargs="*", help="candidate labels (default: all)")
     parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--vision", action="store_true", help="score the vision encoder's candidates instead")
+    parser.add_argument("--layers", action="store_true", help="compare every algorithm on the same linears instead")
     args = parser.parse_args(argv)
     ws = Workspace(args.work)
+    if args.vision:
+        with (args.work / "vision.jsonl").open("a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in vision_rows(ws))
+        return 0
+    if args.layers:
+        with (args.work / "layers.jsonl").open("a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in layer_rows(ws))
+        return 0
     results = args.work / "results.jsonl"
     done = {json.loads(line)["candidate"] for line in results.read_text().splitlines()} if results.exists() else set()
     for label, recipe in candidates().items():

@@ -37,6 +37,9 @@ class Scheme:
     algorithm: str = "rtn"
     float_dtype: str = "float32"
     scale_dtype: str = "float32"
+    act_order: bool = False  # gptq: round the loudest input channels first
+    damp: float = 0.01  # gptq: added to H's diagonal, as a fraction of its mean
+
 
     def __post_init__(self):
         if self.bits not in (None, 4, 8):
@@ -48,6 +51,8 @@ class Scheme:
         if self.algorithm in ("hqq", "k-quant") and (self.symmetric or self.bits != 4):
             raise ConfigError(f"{self.algorithm} is 4-bit with zero points only",
                               hint='set "symmetric": false and "bits": 4, or use rtn / gptq / importance')
+        if not 0 < self.damp <= 1:
+            raise ConfigError(f"damp must be in (0, 1], got {self.damp}", hint="GPTQ's usual damping is 0.01")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"scale_dtype {self.scale_dtype!r} is not supported by the fp32 ONNX graphs",
                               hint=f"use one of {', '.join(SCALE_DTYPES)} (fp16 scales need an fp16-activation graph)")

@@ -64,7 +64,20 @@ def test_grid_search_beats_min_max_rounding_on_the_weighted_error():
         assert err < 0.9 * plain_err
 
 
-def test_gptq_lowers_the_output_error_on_the_same_grid():
+def test_symmetric_grid_puts_the_extreme_weight_on_the_longer_side():
+    """Q4_0's signed scale: a block whose largest weight is positive still uses all 16 levels for it
+    (the extreme lands on -8 exactly, with a negative scale), where a positive scale would map it to +7."""
+    from smoledge.quantize.algorithms.grid import Grid, _candidate
+
+    blocks = np.linspace(-0.5, 1.0, 32, dtype=np.float32).reshape(1, 1, 32)
+    scale, zero = _candidate(blocks.min(-1), blocks.max(-1), 4, True)
+    grid = Grid(scale, zero, 4, 32, True)
+    q = grid.quantize(blocks)
+    assert scale[0, 0] < 0 and q[0, 0, -1] == 0 and grid.dequantize(q)[0, 0, -1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_on_the_same_grid(act_order):
     rng = np.random.default_rng(2)
     k, n = 256, 64
     weight = rng.normal(size=(k, n)).astype(np.float32)
@@ -73,7 +86,9 @@ def test_gptq_lowers_the_output_error_on_the_same_grid():
     blocks = to_blocks(weight, 64)
     grid = search_grid(blocks, np.diag(gram).reshape(-1, 64), 4, True)
     rounded = grid.dequantize(grid.quantize(blocks)).reshape(n, k).T
-    compensated = grid.dequantize(gptq(weight, gram, grid)).reshape(n, k).T
+    q = gptq(weight, gram, grid, act_order=act_order)
+    assert q.max() <= 15 and np.array_equal(grid.quantize(grid.dequantize(q)), q)  # on the grid
+    compensated = grid.dequantize(q).reshape(n, k).T
     err = lambda w: float(np.mean((x @ weight - x @ w) ** 2))  # noqa: E731
     assert err(compensated) < 0.7 * err(rounded)
 
@@ -94,7 +109,33 @@ def test_recipe_carries_algorithm_zero_points_and_calibration_hash():
     ({"algorithm": "hqq", "symmetric": True}, "hqq is 4-bit with zero points"),
     ({"algorithm": "awq"}, "unknown quantization algorithm"),
     ({"scale_dtype": "float16"}, "scale_dtype"),
+    ({"algorithm": "gptq", "damp": 0}, "damp must be"),
 ])
 def test_bad_schemes_are_config_errors(scheme, message):
     with pytest.raises(ConfigError, match=message):
         Recipe.from_dict({"name": "bad", "rules": [{"match": "*", "scheme": scheme}]})
+
+
+def test_int4_mixed_fits_five_bits_per_weight_on_smollm2_shapes():
+    """The recipe's layout, by the bundle's own arithmetic (fp32 scales, no zero points, blocks padded to
+    whole blocks), on SmolLM2-135M's text weights (lm_head counted as its own matrix): <= 5.0 bits."""
+    recipe = load_recipe("int4-mixed")
+    hidden, mlp, kv, vocab, layers = 576, 1536, 192, 49216, 30
+    shapes = {"model.text_model.embed_tokens": (vocab, hidden), "lm_head": (vocab, hidden)}
+    for i in range(layers):
+        for proj, (n, k) in {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                             "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+                             "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden),
+                             "mlp.down_proj": (hidden, mlp)}.items():
+            shapes[f"model.text_model.layers.{i}.{proj}"] = (n, k)
+    bits = weights = 0
+    for name, (n, k) in shapes.items():
+        scheme = recipe.scheme_for(name)
+        assert scheme is not None and scheme.zero_points == "none", name
+        blocks = -(-k // scheme.block_size)
+        bits += n * blocks * (scheme.block_size * scheme.bits + 32)
+        weights += n * k
+    assert recipe.scheme_for("model.text_model.layers.29.mlp.down_proj").bits == 8
+    assert recipe.scheme_for("model.text_model.layers.3.mlp.down_proj").block_size == 32
+    assert 4.9 < bits / weights <= 5.0
+    assert recipe.calibration is not None

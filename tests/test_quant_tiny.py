@@ -35,8 +35,9 @@ def _recipe() -> Recipe:
              {"match": "model.connector.*", "scheme": {"bits": 8, "block_size": 32, "symmetric": True}}]
     for algorithm, patterns in LAYOUT.items():
         symmetric = algorithm in ("gptq", "rtn")
+        extra = {"act_order": True} if algorithm == "gptq" else {}
         rules += [{"match": p, "scheme": {"bits": 4, "block_size": 32, "symmetric": symmetric,
-                                          "algorithm": algorithm}} for p in patterns]
+                                          "algorithm": algorithm, **extra}} for p in patterns]
     return Recipe.from_dict({"name": "tiny-every-algorithm", "rules": rules})
 
 

@@ -21,7 +21,7 @@ def quantize_weight(weight: np.ndarray, scheme, hessian: np.ndarray) -> tuple[np
     importance = np.maximum(importance, 1e-3 * importance.mean()).reshape(blocks.shape[1], block)
     grid = search_grid(blocks, importance, scheme.bits, scheme.symmetric)
     if scheme.algorithm == "gptq":
-        return gptq(weight, hessian, grid), grid
+        return gptq(weight, hessian, grid, damp=scheme.damp, act_order=scheme.act_order), grid
     return grid.quantize(blocks), grid
 
 

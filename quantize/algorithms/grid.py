@@ -11,9 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-# Candidate divisors of a block's range: the plain max/min grid is one of them, the rest clip the
-# largest weights a little (the search keeps whichever gives the smallest weighted error).
-_SHRINK = tuple(float(s) for s in np.linspace(0.70, 1.0, 10))
+# Candidate grids per block, as multiples of the plain max/min grid's step: llama.cpp's make_qx_quants
+# tries iscale = (nmax + 0.1 * i) / max for i in -9..9 (a little coarser to a little clipped); the rest
+# clip the largest weights further (down to 0.7 of the range).  Each candidate's integers then get the
+# weighted least-squares scale, and the search keeps the smallest weighted error.
+_STEPS = tuple(sorted({round(1 + 0.1 * i / 8, 4) for i in range(-9, 10)} | {round(1 / s, 4) for s in
+                                                                           np.linspace(0.70, 0.9, 6)}))
 
 
 @dataclass(frozen=True)
@@ -46,28 +49,32 @@ def to_blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def search_grid(blocks: np.ndarray, importance: np.ndarray | None, bits: int, symmetric: bool) -> Grid:
-    """The per-block grid minimising sum(importance * (w - dequant(quant(w)))**2) over a few clip ratios.
+    """The per-block grid minimising sum(weight * (w - dequant(quant(w)))**2) over the candidate steps.
 
-    ``importance`` [k_blocks, block] weights each input channel (None: all equal, i.e. plain MSE).
-    Symmetric grids have no zero point (MatMulNBits' default 2**(bits-1)); asymmetric ones an integer one.
+    The weight of each entry is llama.cpp's for an imatrix: ``importance`` of its input channel
+    ([k_blocks, block], the mean square activation; None: all equal) times ``sqrt(sigma2 + w**2)``
+    (sigma2: the block's mean square weight), so large weights and loud channels are kept closest.
+    Symmetric grids have no zero point (MatMulNBits' default 2**(bits-1)) and a signed scale that puts the
+    block's extreme weight on the grid's longer side (-2**(bits-1)), as llama.cpp's Q4_0 does;
+    asymmetric ones an integer zero point.
     """
     n, k_blocks, block = blocks.shape
     imp = np.ones((k_blocks, block), np.float32) if importance is None else importance.astype(np.float32)
-    imp = imp[None]
+    weight = imp[None] * np.sqrt((blocks ** 2).mean(-1, keepdims=True) + blocks ** 2)
     best_err = np.full((n, k_blocks), np.inf, np.float32)
     best_scale = np.ones((n, k_blocks), np.float32)
     best_zero = np.full((n, k_blocks), 2 ** (bits - 1), np.uint8)
     lo, hi = blocks.min(-1), blocks.max(-1)
-    for shrink in _SHRINK:
-        scale, zero = _candidate(lo * np.float32(shrink), hi * np.float32(shrink), bits, symmetric)
+    for step in _STEPS:
+        scale, zero = _candidate(lo / np.float32(step), hi / np.float32(step), bits, symmetric)
         q = Grid(scale, zero, bits, block, symmetric).quantize(blocks)
         # for these integers the weighted least-squares scale is never worse than the candidate's own
         centred = q.astype(np.float32) - zero[..., None].astype(np.float32)
-        weighted = imp * centred
+        weighted = weight * centred
         num, den = (weighted * blocks).sum(-1), (weighted * centred).sum(-1)
         s = np.where(den > 0, num / np.maximum(den, np.float32(1e-30)), scale).astype(np.float32)
-        s = np.where(s > 0, s, scale)
-        err = (imp * (blocks - centred * s[..., None]) ** 2).sum(-1)
+        s = np.where(s != 0, s, scale)
+        err = (weight * (blocks - centred * s[..., None]) ** 2).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, s, best_scale)
@@ -79,10 +86,9 @@ def _candidate(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool) -> tu
     qmax = 2 ** bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
-        # the signed extreme maps to -half (the grid's longer side), as llama.cpp's Q4_0 does
+        # the signed extreme maps to -half (the grid's longer side) by a signed scale, as llama.cpp's Q4_0
         extreme = np.where(-lo >= hi, lo, hi)
-        scale = np.where(extreme < 0, -extreme / half, extreme / (half - 1))
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = np.where(extreme != 0, -extreme / half, 1.0).astype(np.float32)
         return scale, np.full(lo.shape, half, np.uint8)
     lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
