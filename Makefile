@@ -21,11 +21,15 @@ SIZE_export := about 1.7 GB: torch's CPU build, transformers, onnx; a few minute
 SIZE_dev    := about 2.1 GB: [export] + executorch, coremltools, PyAV, starlette, pytest, matplotlib
 SIZE_bench  := [dev] + llama-cpp-python, built from source (10-35 minutes)
 
+# Two steps: the editable build alone, quietly (seconds; setuptools notes that an editable install with
+# mapped package folders uses a meta path finder), then the extra's packages with pip's progress shown.
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "make: installing smoledge[$*] into $(VENV) ($(or $(SIZE_$*),see pyproject.toml))"
-	$(BIN)/python -m pip install --progress-bar on -e ".[$*]"
+	@echo "make: installing smoledge into $(VENV) (editable: this clone is the package)"
+	@$(BIN)/python -m pip install --quiet --no-deps -e .
+	@echo "make: installing what smoledge[$*] needs ($(or $(SIZE_$*),see pyproject.toml))"
+	$(BIN)/python -m pip install --progress-bar on "smoledge[$*]"
 	@touch $@
 
 demo: $(VENV)/.installed-export $(BUNDLE)/manifest.json
