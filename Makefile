@@ -17,7 +17,7 @@ EXPORT_SOURCES := $(shell find export quantize -name '*.py' -o -name '*.json' -o
 setup: $(VENV)/.installed-$(EXTRAS)
 
 # about how much each extra puts into .venv (measured on Linux x86-64, CPU-only torch)
-SIZE_export := about 1.7 GB: torch's CPU build, transformers, onnx; a few minutes on a fresh machine
+SIZE_export := about 1.3 GB, 0.3 GB to download: torch's CPU build, transformers, onnx; a few minutes
 SIZE_dev    := about 2.1 GB: [export] + executorch, coremltools, PyAV, starlette, pytest, matplotlib
 SIZE_bench  := [dev] + llama-cpp-python, built from source (10-35 minutes)
 
