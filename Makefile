@@ -34,7 +34,7 @@ $(VENV)/.installed-%: pyproject.toml
 
 demo: $(VENV)/.installed-export $(BUNDLE)/manifest.json
 	$(BIN)/smoledge bundle info $(BUNDLE)
-	$(BIN)/smoledge run $(BUNDLE) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 48 --stream --stats
+	$(BIN)/smoledge run $(BUNDLE) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 48 --temperature 0 --stream --stats
 
 $(BUNDLE)/manifest.json: $(VENV)/.installed-export $(EXPORT_SOURCES)
 	@echo "make: building the real-text demo model (once; cached in the smoledge cache) and exporting $(BUNDLE)"
