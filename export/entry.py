@@ -9,7 +9,9 @@
   - torchao logs ``Failed to load .../torchao/_C_mxfp8...so: ...`` (at WARNING, on import) when its
     optional MX / CUDA kernels were built for another torch; the CPU paths smoledge uses need none.
   - torch's ``torch.utils._pytree`` warns ``isinstance(treespec, LeafSpec) is deprecated`` (a
-    FutureWarning) from inside torch.export itself, about torch's own code, once per graph.
+    FutureWarning) from inside torch.export itself, about torch's own code, once per graph, and logs
+    ``<enum ...> is an Enum subclass ... register_constant() ... deprecated`` (its logger, at WARNING)
+    when torchao registers its enums: the ``torch.utils._pytree`` logger is set to ERROR below.
 """
 
 from __future__ import annotations
