@@ -210,10 +210,25 @@ def test_the_readme_index_links_every_docs_page():
 def test_building_smoledge_prints_no_warnings(tmp_path):
     """pyproject's license and package data: setuptools used to print a deprecation per build and a
     "Package would be ignored" box per data folder."""
+    source = tmp_path / "smoledge"  # a copy: the build writes build/ and *.egg-info beside pyproject.toml
+    skip = shutil.ignore_patterns("node_modules", "__pycache__", "dist", "out", "web", "build", "*.egg-info")
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    for folder in ("smoledge", "export", "quantize", "runtime", "cloud_fallback", "benchmarks"):
+        shutil.copytree(REPO / folder, source / folder, ignore=skip)
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                          str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert not warning_lines(res.stdout + res.stderr), warning_lines(res.stdout + res.stderr)
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("smoledge-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for data in ("smoledge/quantize/recipes/int4.json", "smoledge/quantize/calibration/calibration.txt",
+                 "smoledge/quantize/fidelity_text.txt", "smoledge/cloud_fallback/profiles/auto.json",
+                 "smoledge/runtime/manifest.schema.json"):
+        assert data in names, f"{data} is not in the wheel"
 
 
 @pytest.mark.slow
