@@ -31,7 +31,8 @@ class Block:
     def entry(self) -> str:
         """A TOML entry to paste into tests/docs_examples.toml (then set run / skip)."""
         first = self.first.replace("\\", "\\\\").replace('"', '\\"')[:100]
-        return f'[[block]]\nfile = "{self.file}"\nsha = "{self.sha}"\nfirst = "{first}"\nskip = "WHY IT CANNOT RUN HERE"\n'
+        return (f'[[block]]\nfile = "{self.file}"\nsha = "{self.sha}"\nfirst = "{first}"\n'
+                'skip = "WHY IT CANNOT RUN HERE"\n')
 
 
 def doc_files() -> list[Path]:

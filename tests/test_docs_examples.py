@@ -239,7 +239,8 @@ def test_make_demo_reuses_the_bundle_and_prints_no_warnings(realtext_int4_bundle
     shutil.copytree(realtext_int4_bundle, bundle)
     (bundle / "manifest.json").touch()
     venv = Path(sys.prefix)
-    make = ["make", "--no-print-directory", "demo", f"VENV={venv}", f"BUNDLE={bundle}", "-o", f"{venv}/.installed-export"]
+    make = ["make", "--no-print-directory", "demo", f"VENV={venv}", f"BUNDLE={bundle}",
+            "-o", f"{venv}/.installed-export"]
     res = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
