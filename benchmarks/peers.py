@@ -119,7 +119,7 @@ def missing_packages(*names: str) -> str | None:
     """``'X is not installed'`` for the first import name that cannot be found, else None."""
     for name in names:
         if importlib.util.find_spec(name) is None:
-            return f"{name} is not installed (pip install 'smoledge[bench]')"
+            return f"{name} is not installed (from the smoledge clone: pip install -e '.[bench]')"
     return None
 
 

@@ -6,7 +6,8 @@ Public API::
     answer_text(request, engine, config=...) -> Reply
     format_decision(decision) -> str                  # "[route: cloud - 17 tiles > 5 allowed on ...]"
     add_routing_arguments(parser)                     # --profile --no-cloud --deadline --project
-    router_config_from_args(args, env=None) -> RouterConfig
+    router_config(profile=, no_cloud=, deadline=, project=, env=) -> RouterConfig   # from Python
+    router_config_from_args(args, env=None) -> RouterConfig                         # from the CLI's flags
     LocalEngine                                       # the protocol the local engine satisfies
     HealthTracker(policy)                             # local health that recovers, shared by a server's threads
     decide(shape, manifest, profile, health, policy) -> Decision   # the pure routing policy
@@ -25,6 +26,7 @@ from .config import (
     RouterConfig,
     UploadConfig,
     add_routing_arguments,
+    router_config,
     router_config_from_args,
 )
 from .engine import LocalEngine
@@ -38,6 +40,6 @@ __all__ = [
     "Answer", "Reply", "answer", "answer_text", "format_decision", "CloudFallback", "cloud_targets",
     "CloudConfig", "CooldownConfig", "LedgerConfig", "PolicyConfig", "RetryConfig", "RouterConfig", "UploadConfig",
     "HealthTracker", "SpendCap",
-    "add_routing_arguments", "router_config_from_args", "LocalEngine", "Ledger", "Decision", "LocalHealth",
+    "add_routing_arguments", "router_config", "router_config_from_args", "LocalEngine", "Ledger", "Decision", "LocalHealth",
     "decide", "DeviceProfile", "SpeedFigures", "load_profile", "profile_names",
 ]

@@ -220,17 +220,28 @@ def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
 
 def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> RouterConfig:
     """Flags first, then the environment, then the defaults."""
+    return router_config(profile=getattr(args, "profile", None), no_cloud=bool(getattr(args, "no_cloud", False)),
+                         deadline=getattr(args, "deadline", None), project=getattr(args, "project", None),
+                         max_tiles=getattr(args, "max_tiles", None), env=env)
+
+
+def router_config(*, profile: str | None = None, no_cloud: bool = False, deadline: float | None = None,
+                  project: str | None = None, max_tiles: int | str | None = None,
+                  env: Mapping[str, str] | None = None) -> RouterConfig:
+    """The routing config from Python, without argparse: the arguments are the CLI's ``--profile``,
+    ``--no-cloud``, ``--deadline``, ``--project`` and ``--max-tiles``; what they leave unset comes from the environment
+    (``SMOLEDGE_PROFILE``, ``SMOLEDGE_NO_CLOUD``, ``SMOLEDGE_CLOUD_*``, ...; ``env`` replaces ``os.environ``),
+    then the defaults.  ``router_config(no_cloud=True)`` never sends anything away."""
     env = os.environ if env is None else env
     cache_dir = default_cache_dir(env)
-    profile_name = getattr(args, "profile", None) or env.get("SMOLEDGE_PROFILE") or "auto"
-    deadline = getattr(args, "deadline", None)
+    profile_name = profile or env.get("SMOLEDGE_PROFILE") or "auto"
     if deadline is not None and deadline <= 0:
         raise ConfigError(f"--deadline {deadline} is not a positive number of seconds", hint="e.g. --deadline 10")
     policy = PolicyConfig(
-        never_cloud=bool(getattr(args, "no_cloud", False)) or env_flag(env, "SMOLEDGE_NO_CLOUD"),
+        never_cloud=no_cloud or env_flag(env, "SMOLEDGE_NO_CLOUD"),
         offline=hub_offline(env),
         deadline_s=deadline,
-        max_tiles=parse_max_tiles(getattr(args, "max_tiles", None) or env.get("SMOLEDGE_MAX_TILES")),
+        max_tiles=parse_max_tiles(max_tiles or env.get("SMOLEDGE_MAX_TILES")),
     )
     cloud = CloudConfig(
         base_url=env.get("SMOLEDGE_CLOUD_BASE_URL") or DEFAULT_BASE_URL,
@@ -239,7 +250,7 @@ def router_config_from_args(args: argparse.Namespace, env: Mapping[str, str] | N
         budget_s=_env_number(env, "SMOLEDGE_CLOUD_BUDGET_S", CloudConfig.budget_s, minimum=0.001),
         uploads=upload_config_from_env(env),
     )
-    project = getattr(args, "project", None) or env.get("SMOLEDGE_PROJECT") or "default"
+    project = project or env.get("SMOLEDGE_PROJECT") or "default"
     return RouterConfig(profile=load_profile(profile_name, cache_dir=cache_dir), policy=policy, cloud=cloud,
                         ledger=ledger_config_from_env(env, cache_dir, project), cache_dir=cache_dir)
 

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from smoledge.errors import ConfigError, ExportError, ModelLoadError
+from smoledge.errors import ConfigError, ExportError, ModelLoadError, install_hint
 from smoledge.export.loader import Checkpoint, hub_snapshot, sha256_file
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def merge_adapter(model, adapter: Adapter):
         from peft import PeftModel
     except ImportError:
         raise ConfigError("--adapter needs peft, which is not installed",
-                          hint="pip install 'smoledge[export]'") from None
+                          hint=install_hint("export")) from None
     base = adapter.config.get("base_model_name_or_path")
     if base:
         log.info("merging adapter %s (trained on %s)", adapter.adapter_id, base)

@@ -73,22 +73,6 @@ def target_options(args: argparse.Namespace, formats: tuple[str, ...]) -> dict:
     return options
 
 
-def _quiet_libraries(logging, warnings) -> None:
-    """The tracers and quantizers log at INFO/WARNING by default; the progress bar says enough."""
-    warnings.filterwarnings("ignore")
-    import os
-
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    for name in ("torch", "torch.utils._pytree", "torch.onnx", "torch.onnx._internal.exporter._registration",
-                 "torch._dynamo", "onnxscript", "onnx_ir",
-                 "onnxruntime", "onnxruntime.quantization", "transformers", "torchao", "coremltools", "executorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def check_out(out: Path) -> None:
     """Refuse an ``--out`` that cannot be written, before minutes of export work (not after)."""
     import tempfile
@@ -108,11 +92,13 @@ def check_out(out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from smoledge.export.entry import require_export_extra
     from smoledge.progress import Progress
 
+    require_export_extra("export")
     check_out(args.out)
     with Progress("export", enabled=not args.no_progress) as progress:
-        progress.step("loading torch and transformers")  # _quiet_libraries imports them: seconds
+        progress.step("loading torch and transformers")  # quiet_libraries imports them: seconds
         path = _export(args, progress)
         if args.zip:
             from smoledge.export.bundle_writer import write_zip
@@ -126,15 +112,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace, progress) -> Path:
-    import logging
-    import warnings
+    from smoledge.export.entry import quiet_libraries
 
+    if not args.debug:
+        quiet_libraries()
     from smoledge.cloud_fallback.config import parse_models
     from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe, with_vision_precision
 
-    if not args.debug:
-        _quiet_libraries(logging, warnings)
     formats = tuple(dict.fromkeys(args.formats or ["onnx"]))
     recipe = with_vision_precision(load_recipe(args.quant), args.vision_precision)
     options = target_options(args, formats)

@@ -186,8 +186,12 @@ REALTEXT_ABOUT = ("the real-text SmolVLM: the SmolLM2-135M-Instruct text decoder
 
 
 def main(args: argparse.Namespace) -> int:
+    from smoledge.export.entry import quiet_libraries, require_export_extra
     from smoledge.progress import Progress
 
+    require_export_extra("demo-model")
+    if not args.debug:
+        quiet_libraries()
     with Progress("demo-model") as progress:
         try:
             path = _build(args, progress)

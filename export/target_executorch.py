@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from smoledge.errors import ConfigError
+from smoledge.errors import ConfigError, install_hint
 from smoledge.export.bundle_writer import BundleStaging
 from smoledge.quantize.recipe import Recipe
 from smoledge.runtime.manifest import ExecutorchArtifact, Graph, Tensor
@@ -124,7 +124,7 @@ def _require_executorch() -> None:
         import torchao  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"the executorch exporter needs {err.name}, which is not installed",
-                          hint="pip install 'executorch>=1.5' 'torchao>=0.18'") from None
+                          hint=install_hint("executorch")) from None
 
 
 def prepare_model(model, recipe: Recipe):

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from smoledge.errors import BackendUnavailableError, ConfigError
+from smoledge.errors import BackendUnavailableError, ConfigError, install_hint
 
 Parity = Literal["runtime", "wrapper"]
 
@@ -102,7 +102,7 @@ class FormatSpec:
             return importlib.import_module(self.target)
         except ImportError as err:
             raise ConfigError(f"the {self.name} exporter needs a package that is not installed ({err.name})",
-                              hint="pip install 'smoledge[export]'") from None
+                              hint=install_hint("export")) from None
 
     def options_from_flags(self, values: dict[str, str], given_as: dict[str, str] | None = None):
         """The target's options object from the flags' string values (flag dest -> text; ``given_as``: dest ->
@@ -135,7 +135,7 @@ FORMATS: dict[str, FormatSpec] = {
         backend="smoledge.runtime.backends.executorch", artifact="ExecutorchArtifact",
         export_options="ExecutorchTargetOptions",
         export_flags=(ExportFlag("--context", "max_context_len", "2048", CONTEXT_HELP, "tokens"),),
-        threads=True, parity="runtime", install="pip install 'smoledge[executorch]'", requires=("executorch",)),
+        threads=True, parity="runtime", install=install_hint("executorch"), requires=("executorch",)),
     "coreml": FormatSpec(
         "coreml", "three stateful .mlpackage for Core ML (iOS 18 / macOS 15)",
         target="smoledge.export.target_coreml", quantizer="smoledge.quantize.coreml_quant",
@@ -145,7 +145,7 @@ FORMATS: dict[str, FormatSpec] = {
                       ExportFlag("--coreml-compression", "compression", "linear", "Core ML: blockwise linear "
                                  "quantization or k-means palettization (default linear)",
                                  choices=("linear", "palettize"))),
-        parity="wrapper", install="pip install 'smoledge[coreml]' (macOS 15+)", requires=("coremltools",),
+        parity="wrapper", install=install_hint("coreml") + " (macOS 15+)", requires=("coremltools",),
         platforms=("darwin",)),
 }
 

@@ -339,7 +339,8 @@ def check_version(version: Any, where: str) -> None:
         raise BundleError(f"the manifest of {where} has no schema_version", hint="re-export the bundle")
     if version > SCHEMA_VERSION:
         raise BundleError(f"bundle {where} uses manifest schema {version}, newer than this smoledge reads "
-                          f"({SCHEMA_VERSION})", hint="upgrade smoledge: pip install -U smoledge")
+                          f"({SCHEMA_VERSION})",
+                          hint="upgrade smoledge: git pull in its clone, then pip install -e .")
     if version < SCHEMA_VERSION:
         raise BundleError(f"bundle {where} uses manifest schema {version}, older than this smoledge reads "
                           f"({SCHEMA_VERSION})", hint=f"re-export it with this smoledge version (schema {SCHEMA_VERSION})")

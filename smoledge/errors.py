@@ -175,3 +175,9 @@ def classify(err: BaseException) -> str:
 
 def _short(err: BaseException) -> str:
     return str(err) if isinstance(err, SmolEdgeError) else f"{type(err).__name__}: {err}"
+
+
+def install_hint(extra: str) -> str:
+    """The one way to add an optional part: smoledge is installed from a clone (``pip install -e``), so
+    ``pip install 'smoledge[serve]'`` would look for a PyPI package that does not exist."""
+    return f"from the smoledge clone: pip install -e '.[{extra}]'"

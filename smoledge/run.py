@@ -28,7 +28,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="read the prompt from a UTF-8 file ('-' = stdin), for prompts longer than one argument")
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable, in prompt order)")
     parser.add_argument("--video", action="append", default=[],
-                        help="video file (repeatable; after the images, before the prompt); needs smoledge[video]")
+                        help="video file (repeatable; after the images, before the prompt); needs the video "
+                        "extra: pip install -e '.[video]'")
     parser.add_argument("--max-frames", default=os.environ.get("SMOLEDGE_MAX_FRAMES"), metavar="N|auto",
                         help="sample at most N frames per video; 'auto' = the device profile's limit, so a long "
                         "video is downsampled instead of going to the cloud (default $SMOLEDGE_MAX_FRAMES, "

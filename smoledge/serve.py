@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoledge.cloud_fallback import add_routing_arguments
-from smoledge.errors import ConfigError
+from smoledge.errors import ConfigError, install_hint
 from smoledge.runtime.formats import add_backend_arguments
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def _web_stack() -> None:
         import uvicorn  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"`smoledge serve` needs the web stack, which is not installed ({err.name})",
-                          hint="pip install 'smoledge[serve]'") from None
+                          hint=install_hint("serve")) from None
 
 
 def settings_from_args(args: argparse.Namespace, manifest: Manifest):

@@ -6,25 +6,49 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from smoledge.cloud_fallback.config import default_cache_dir, ledger_config_from_env, ledger_path
 from smoledge.cloud_fallback.ledger import GROUPINGS, Ledger, Total
 from smoledge.cloud_fallback.pricing import Price, cached_price_book
 from smoledge.cloud_fallback.spend import SpendCap
+from smoledge.errors import ConfigError
+
+SINCE_FORMS = "YYYY-MM-DD (that day), YYYY-MM (that month's first day) or Nd (N days ago, 0d = today), in UTC"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--by", choices=sorted(GROUPINGS), default="project", help="group totals by (default project)")
     parser.add_argument("--project", default=None, metavar="TAG", help="only this project")
-    parser.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="only calls on or after this day (UTC)")
+    parser.add_argument("--since", default=None, metavar="DAY",
+                        help=f"only calls on or after this day: {SINCE_FORMS}")
     parser.add_argument("--csv", default=None, metavar="FILE", help="export the raw rows as CSV ('-' for stdout)")
     parser.add_argument("--ledger", type=Path, default=None, metavar="PATH",
                         help="ledger file (default cloud_ledger.sqlite in $SMOLEDGE_CACHE_DIR or the user cache dir)")
 
 
+def parse_since(text: str | None, today: date | None = None) -> str | None:
+    """``--since`` as the ledger's day string (YYYY-MM-DD); anything else is a one-line error with the forms."""
+    if text is None:
+        return None
+    today = today or datetime.now(UTC).date()
+    value = text.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return date.fromisoformat(value).isoformat()
+        if re.fullmatch(r"\d{4}-\d{2}", value):
+            return date.fromisoformat(value + "-01").isoformat()
+        if re.fullmatch(r"\d{1,5}d", value):
+            return (today - timedelta(days=int(value[:-1]))).isoformat()
+    except ValueError:
+        pass
+    raise ConfigError(f"--since {text!r} is not a day I can read", hint=f"give {SINCE_FORMS}")
+
+
 def main(args: argparse.Namespace) -> int:
+    args.since = parse_since(args.since)
     cache_dir = default_cache_dir()
     ledger = Ledger(args.ledger or ledger_path(cache_dir))
     cap = SpendCap.from_config(ledger_config_from_env(os.environ, cache_dir))

@@ -241,7 +241,7 @@ sys.exit(main(['serve', {str(tiny_int4_bundle)!r}, '--port', '0']))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
         "smoledge serve: error: `smoledge serve` needs the web stack, which is not installed (starlette) "
-        "(pip install 'smoledge[serve]')"]
+        "(from the smoledge clone: pip install -e '.[serve]')"]
 
 
 @pytest.mark.parametrize("flags, message", [(["--queue-size", "-1"], "--queue-size -1 is out of range"),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from smoledge.errors import (BackendError, BackendUnavailableError, BundleError, ConfigError, InputError,
-                             PromptTooLongError)
+                             PromptTooLongError, install_hint)
 from smoledge.runtime.bundle import Bundle
 
 FORMAT = "coreml"
@@ -143,7 +143,7 @@ def load(bundle: Bundle, **options) -> CoreMLBackend:
         import coremltools as ct
     except ImportError:
         raise BackendUnavailableError("the coreml backend needs coremltools, which is not installed",
-                                      hint="pip install coremltools==9.0") from None
+                                      hint=install_hint("coreml")) from None
     units = getattr(ct.ComputeUnit, opts.compute_units)
     models = {}
     for name, path in package_paths(bundle).items():

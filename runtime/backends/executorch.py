@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smoledge.errors import (BackendError, BackendUnavailableError, BundleError, ConfigError, InputError,
-                             PromptTooLongError)
+                             PromptTooLongError, install_hint)
 from smoledge.runtime.bundle import Bundle
 
 FORMAT = "executorch"
@@ -127,7 +127,7 @@ def load_kernel_libraries() -> None:
             importlib.import_module(name)
         except (ImportError, AssertionError, OSError) as err:
             raise BackendUnavailableError(f"ExecuTorch kernel library {name} cannot be loaded ({err})",
-                                          hint="install the executorch pip package (>= 1.5), which ships it") from None
+                                          hint=install_hint("executorch")) from None
 
 
 def _pybindings():
@@ -139,7 +139,7 @@ def _pybindings():
         from executorch.runtime import Verification
     except ImportError as err:
         raise BackendUnavailableError(f"the executorch backend needs {err.name}, which is not installed",
-                                      hint="pip install 'executorch>=1.5'") from None
+                                      hint=install_hint("executorch")) from None
     return portable_lib, Verification
 
 
@@ -160,7 +160,7 @@ def open_program(path, methods: tuple[str, ...] = METHODS, threads: int = 0):
                               hint="the .pte is corrupt or from an incompatible exporter; re-export it") from None
         if not portable._is_available("XnnpackBackend"):
             raise BackendUnavailableError("this ExecuTorch runtime has no XNNPACK backend, which the .pte is "
-                                          "delegated to", hint="install the executorch pip package (>= 1.5)")
+                                          "delegated to", hint=install_hint("executorch"))
         load_kernel_libraries()
         if threads:  # before any method holds the pool
             portable._unsafe_reset_threadpool(threads)

@@ -91,7 +91,7 @@ export function parseManifest(data: unknown, where: string): Manifest {
   }
   if (version > SCHEMA_VERSION) {
     throw new BundleError(`bundle ${where} uses manifest schema ${version}, newer than this smoledge reads (${SCHEMA_VERSION})`,
-      { hint: "upgrade smoledge: pip install -U smoledge" });
+      { hint: "upgrade smoledge: git pull in its clone, then pip install -e ." });
   }
   if (version < SCHEMA_VERSION) {
     throw new BundleError(`bundle ${where} uses manifest schema ${version}, older than this smoledge reads (${SCHEMA_VERSION})`,
