@@ -224,7 +224,7 @@ check() {  # check NAME CMD...: keep stdout, stderr and the exit code in $OUT/NA
 one_line_error() {  # a non-zero exit and exactly one line on stderr
     [ "$(cat "$OUT/$1.rc")" != 0 ] && [ "$(grep -c . "$OUT/$1.err")" = 1 ]
 }
-ask=(--prompt "$PROMPT" --max-new-tokens "$MAX_NEW")
+ask=(--prompt "$PROMPT" --max-new-tokens "$MAX_NEW" --temperature 0)  # greedy: the two answers compared byte for byte
 
 log "x86 answer on this host"
 timed x86-answer check x86-answer "$HOST_PY" -m smoledge.cli run "$BUNDLE" "${ask[@]}"
