@@ -8,11 +8,13 @@ variable the code reads, the README's Documentation index links every docs page,
 from __future__ import annotations
 
 import json
+import queue
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -77,8 +79,9 @@ def workdir(tmp_path_factory, realtext_int4_bundle, tiny_int4_bundle, realtext_m
 
     root = tmp_path_factory.mktemp("docs-examples")
     (root / "bundles").mkdir()
-    (root / "bundles" / "smolvlm-realtext-int4").symlink_to(realtext_int4_bundle)
-    (root / "bundles" / "tiny-int4").symlink_to(tiny_int4_bundle)
+    for name, bundle in (("smolvlm-realtext-int4", realtext_int4_bundle), ("tiny-int4", tiny_int4_bundle)):
+        # hard links, not a symlink: serve names a bundle by its folder, as the README's output shows
+        shutil.copytree(bundle, root / "bundles" / name, copy_function=_link_or_copy)
     shutil.copytree(REPO / "examples", root / "examples")
     (root / ".venv").symlink_to(Path(sys.prefix))
     (root / "cache").mkdir()
@@ -86,8 +89,19 @@ def workdir(tmp_path_factory, realtext_int4_bundle, tiny_int4_bundle, realtext_m
     return root
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def block_env(root: Path) -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    """A newcomer's environment: no token (so nothing can reach the cloud) and none of the suite's never-cloud
+    switches, which would show in the output the README prints."""
+    quiet = {"HF_HUB_OFFLINE", "SMOLEDGE_NO_CLOUD", "HF_TOKEN", "SMOLEDGE_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "SMOLEDGE_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
 
 
@@ -105,11 +119,21 @@ def server(workdir):
     block = next(b for b in BLOCKS if ENTRIES.get((b.file, b.sha), {}).get("run") == "serve")
     command = next(line for line in block.text.splitlines() if line.strip() and not line.startswith("#"))
     proc = subprocess.Popen(["bash", "-c", "exec " + command.replace("--port 8000", "--port 0")], cwd=workdir,
-                            env=block_env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=block_env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    drain = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+    drain.start()  # the banner and then the access log go to stderr: read them all, or a full pipe stalls serve
     try:
-        first = proc.stdout.readline().strip()
+        first, seen = "", []
+        deadline = time.monotonic() + 300
+        while not first.startswith("smoledge serve: ") or " on http" not in first:
+            try:
+                first = lines.get(timeout=max(0.1, deadline - time.monotonic())).strip()
+            except queue.Empty:
+                pytest.fail(f"smoledge serve printed no banner in 300 s (exit {proc.poll()}): {seen}")
+            seen.append(first)
         port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", first)
-        assert port, (first, proc.stderr.read() if proc.poll() is not None else "")
+        assert port, seen
         yield first, int(port[1])
     finally:
         proc.terminate()
