@@ -11,6 +11,7 @@ interrupted one leaves no half-written bundle; the next run with the same inputs
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import sys
@@ -98,18 +99,17 @@ def cached_export(model: str, revision: str | None, folder: Path, quant: str | N
 
 
 def _export(model: str, revision: str | None, out: Path, recipe_name: str, formats: tuple[str, ...]) -> None:
-    try:
-        import logging
-        import warnings
+    from smoledge.errors import install_hint
+    from smoledge.export.entry import EXPORT_PACKAGES, quiet_libraries
 
-        from smoledge.export.cli import _quiet_libraries
-        from smoledge.export.pipeline import ExportJob, export_bundle
-        from smoledge.quantize.recipe import load_recipe
+    missing = next((name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None), None)
+    if missing:
+        raise ConfigError(f"running a checkpoint exports it first, which needs the export extra ({missing} is "
+                          "not installed)", hint=f"{install_hint('export')}, or run a bundle ('smoledge pull "
+                          "REPO_ID' fetches a pre-built one)")
+    quiet_libraries()
+    from smoledge.export.pipeline import ExportJob, export_bundle
+    from smoledge.quantize.recipe import load_recipe
 
-        _quiet_libraries(logging, warnings)
-    except ImportError as err:
-        raise ConfigError(f"running a checkpoint exports it first, which needs the export extra ({err.name} is "
-                          "not installed)", hint="pip install -e '.[export]' in the smoledge clone, or run a "
-                          "bundle ('smoledge pull REPO_ID' fetches a pre-built one)") from None
     job = ExportJob(model=model, out=out, recipe=load_recipe(recipe_name), formats=formats, revision=revision)
     export_bundle(job, show_progress=sys.stderr.isatty())

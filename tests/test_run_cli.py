@@ -86,7 +86,7 @@ def test_the_backend_follows_the_bundle():
 
     assert pick_backend(("coreml", "onnx")) == "onnx"
     if sys.platform != "darwin":
-        with pytest.raises(BackendUnavailableError, match=r"holds coreml.*smoledge\[coreml\]"):
+        with pytest.raises(BackendUnavailableError, match=r"holds coreml.*pip install -e '\.\[coreml\]'"):
             pick_backend(("coreml",))
     args = build_parser().parse_args(["run", "b/", "hi"])
     assert args.backend is None  # chosen once the bundle is open
