@@ -32,6 +32,9 @@ export interface OnnxOptions {
   readonly threads?: number;
   /** tiles per vision-encoder call (bounds peak memory). */
   readonly visionBatch?: number;
+  /** fetch `present.*` into the cache's own tensors (onnxruntime-node binds them in place; default true);
+   * false lets the runtime allocate fresh outputs (what onnxruntime-web is given: it copies through its heap). */
+  readonly bindOutputs?: boolean;
 }
 
 export function sessionOptions(options: OnnxOptions): InferenceSession.SessionOptions {
@@ -58,7 +61,8 @@ export class OnnxBackend implements StepModel<KvCache> {
   readonly hiddenSize: number;
 
   private constructor(private readonly ort: OrtModule, private readonly sessions: Record<keyof OnnxGraphs, InferenceSession>,
-    graphs: OnnxGraphs, hiddenSize: number, private readonly visionBatch: number) {
+    graphs: OnnxGraphs, hiddenSize: number, private readonly visionBatch: number,
+    private readonly bindOutputs: boolean) {
     this.pastNames = Object.keys(graphs.decoder.inputs).filter((n) => n.startsWith("past_key_values."));
     this.presentNames = Object.keys(graphs.decoder.outputs).filter((n) => n.startsWith("present."));
     const shape = graphs.decoder.inputs[this.pastNames[0]!]!; // [batch, heads, past, head_dim]
@@ -73,7 +77,8 @@ export class OnnxBackend implements StepModel<KvCache> {
     const roles = ["visionEncoder", "embedTokens", "decoder"] as const;
     const made = await Promise.all(roles.map((role) => createSession(graphs[role], role)));
     const sessions = Object.fromEntries(roles.map((role, i) => [role, made[i]!])) as Record<keyof OnnxGraphs, InferenceSession>;
-    return new OnnxBackend(ort, sessions, graphs, hiddenSize, Math.max(1, options.visionBatch ?? 4));
+    return new OnnxBackend(ort, sessions, graphs, hiddenSize, Math.max(1, options.visionBatch ?? 4),
+      options.bindOutputs ?? true);
   }
 
   private async run(role: keyof OnnxGraphs, feeds: Record<string, Tensor>,
@@ -129,7 +134,7 @@ export class OnnxBackend implements StepModel<KvCache> {
     };
     const fetches: Record<string, Tensor> = { logits: cache.logits };
     this.pastNames.forEach((name, i) => { feeds[name] = cache.past[i]!; fetches[this.presentNames[i]!] = cache.past[i]!; });
-    const out = await this.run("decoder", feeds, fetches);
+    const out = await this.run("decoder", feeds, this.bindOutputs ? fetches : undefined);
     cache.past = this.presentNames.map((name) => out[name]!);
     cache.logits = out["logits"]!;
     cache.length = total;

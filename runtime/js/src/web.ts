@@ -74,7 +74,7 @@ export async function loadPipelineFromUrl(baseUrl: string, options: WebLoadOptio
     const model = await get(graph.file);
     const externalData = await Promise.all(graph.dataFiles.map(async (rel) => ({ path: rel.split("/").pop()!, data: await get(rel) })));
     return ort.InferenceSession.create(model, { ...opts, externalData });
-  }, options);
+  }, { bindOutputs: false, ...options });
 }
 
 export { ort };
