@@ -16,7 +16,6 @@ Peak RSS is the process's high-water mark (``VmHWM``), so each subject's figure 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import traceback
@@ -26,19 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from smoledge.benchmarks.peers import Case, Subject, peer_module
+from smoledge.runtime.memory_probe import peak_rss  # imported before any subject runs: every baseline holds it
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS in MB (1e6 bytes).  On Linux from ``VmHWM``: ``ru_maxrss`` would also
-    count the parent's RSS at fork time, which Linux carries across ``exec`` into the child's figure."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) * 1024 / 1e6, 1)
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6, 1)  # bytes on macOS, KiB elsewhere
+    """This process's peak RSS in MB (1e6 bytes): :func:`smoledge.runtime.memory_probe.peak_rss`."""
+    return round(peak_rss() / 1e6, 1)
 
 
 def _first_tokens(engine, cases: dict[str, Case]) -> dict:

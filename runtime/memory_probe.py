@@ -139,13 +139,23 @@ def _fit_columns(columns: list, y: list) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------- the child
-def peak_rss() -> int:
-    """This process's resident high-water mark in bytes."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` figure (``VmHWM``, ``VmRSS``) in bytes; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss() -> int:
+    """This process's resident high-water mark in bytes.  On Linux from ``VmHWM``: ``ru_maxrss`` would also
+    count the parent's RSS at fork time, which Linux carries across ``exec`` into the child's figure."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -153,12 +163,8 @@ def peak_rss() -> int:
 
 
 def current_rss() -> int:
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return peak_rss()
+    current = _proc_status_bytes("VmRSS")
+    return peak_rss() if current is None else current
 
 
 def _child(argv: list[str]) -> int:
