@@ -47,6 +47,10 @@ test: setup js-setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# llama-cpp-python is built from source for this CPU; scripts/llamacpp_cmake_args.sh leaves out llama.cpp's AMX
+# kernels, which segfault at the first decode on AMX CPUs (llama.cpp #20824). A CMAKE_ARGS of your own wins.
+$(VENV)/.installed-bench: export CMAKE_ARGS := $(or $(CMAKE_ARGS),$(shell scripts/llamacpp_cmake_args.sh))
+
 bench: $(VENV)/.installed-bench
 	$(BIN)/smoledge bench --size realtext
 
