@@ -77,12 +77,12 @@ def cache_key(model: str, revision: str | None, folder: Path, recipe: str, forma
 
 
 def export_path(model: str, revision: str | None, folder: Path, recipe: str, formats: tuple[str, ...]) -> Path:
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-.") or "model"
     label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(recipe).stem)
     key = cache_key(model, revision, folder, recipe, formats)
-    return cache_dir() / "exports" / f"{name}-{label}-{'+'.join(formats)}-{key}"
+    return cache_path("exports") / f"{name}-{label}-{'+'.join(formats)}-{key}"
 
 
 def cached_export(model: str, revision: str | None, folder: Path, quant: str | None, backend: str | None) -> Path:
