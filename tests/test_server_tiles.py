@@ -60,14 +60,23 @@ def _ask(client, max_tokens: int = 8):
         model="m", messages=[image_message(data_url(PHOTO), QUESTION)], max_tokens=max_tokens, temperature=0)
 
 
+def _calibrate(cache_dir, manifest, backend: str, *, fixed_mib: int, per_tile_mib: int):
+    memory = MeasuredMemory(fixed_bytes=fixed_mib * MIB, prefill_bytes_per_token=0,
+                            attention_bytes_per_token_squared=0.0, decode_bytes_per_token=0,
+                            vision_bytes_per_batch_tile=0, vision_bytes_per_tile=per_tile_mib * MIB, vision_batch=4,
+                            load_bytes=fixed_mib * MIB, probes=())
+    speed = replace(load_profile("raspberry-pi-5-8gb").speed, source="calibrated")
+    return save_calibration(cache_dir, Calibration(bundle_key(manifest), backend, device_id(), speed, memory))
+
+
 # ------------------------------------------------------------------------------- `smoledge serve` itself
 
 
 @pytest.fixture(scope="module")
 def served(tiny_int4_bundle, tmp_path_factory):
     """`smoledge serve BUNDLE --max-tiles auto` on raspberry-pi-5-4gb (5 tiles allowed), never-cloud."""
-    env = {**os.environ, "SMOLEDGE_CACHE_DIR": str(tmp_path_factory.mktemp("serve-tiles-cache")),
-           "SMOLEDGE_NO_CLOUD": "1"}
+    cache = tmp_path_factory.mktemp("serve-tiles-cache")
+    env = {**os.environ, "SMOLEDGE_CACHE_DIR": str(cache), "SMOLEDGE_NO_CLOUD": "1"}
     env.pop("SMOLEDGE_MAX_TILES", None)
     proc = subprocess.Popen([sys.executable, "-m", "smoledge.cli", "serve", str(tiny_int4_bundle), "--port", "0",
                              "--profile", "raspberry-pi-5-4gb", "--max-tiles", "auto", "--threads", "1"],
@@ -85,7 +94,7 @@ def served(tiny_int4_bundle, tmp_path_factory):
         proc.kill()
         pytest.fail(f"the server did not start: {log}")
     url = next(line for line in log if " on http://" in line).split(" on ", 1)[1].split("/v1")[0]
-    yield SimpleNamespace(url=url, log=log, client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused",
+    yield SimpleNamespace(url=url, log=log, cache=cache, client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused",
                                                                  max_retries=0, timeout=60))
     proc.terminate()
     proc.wait(30)
@@ -115,6 +124,19 @@ def test_serve_streams_the_fewer_tiles_route_too(served):
     assert chunks[0].smoledge["code"] == "fewer-tiles" and chunks[-1].smoledge["code"] == "fewer-tiles"
 
 
+def test_serve_plans_each_request_with_this_devices_calibration(served, pipe):
+    # a record of this bundle on this device, written while the server runs: 2,000 MiB + 250 MiB a tile puts
+    # every split grid over the Pi's 2,300 MiB; the photo alone (1 tile, no split) fits
+    path = _calibrate(served.cache, pipe.manifest, "onnx", fixed_mib=2000, per_tile_mib=250)
+    try:
+        raw = _ask(served.client)
+        reason = raw.parse().smoledge["reason"]
+        assert raw.headers["x-smoledge-route-code"] == "fewer-tiles", reason
+        assert "answered locally with 1 tiles instead of 13" in reason and "calibrated" in reason, reason
+    finally:
+        path.unlink()
+
+
 def test_the_tile_budget_flag_and_variable_reach_the_server_config():
     from smoledge.cli import build_parser
     from smoledge.cloud_fallback import router_config_from_args
@@ -129,15 +151,6 @@ def test_the_tile_budget_flag_and_variable_reach_the_server_config():
 
 
 # ----------------------------------------------------------------- the app in a thread: budgets, backends
-
-
-def _calibrate(cache_dir, manifest, backend: str, *, fixed_mib: int, per_tile_mib: int) -> None:
-    memory = MeasuredMemory(fixed_bytes=fixed_mib * MIB, prefill_bytes_per_token=0,
-                            attention_bytes_per_token_squared=0.0, decode_bytes_per_token=0,
-                            vision_bytes_per_batch_tile=0, vision_bytes_per_tile=per_tile_mib * MIB, vision_batch=4,
-                            load_bytes=fixed_mib * MIB, probes=())
-    speed = replace(load_profile("raspberry-pi-5-8gb").speed, source="calibrated")
-    save_calibration(cache_dir, Calibration(bundle_key(manifest), backend, device_id(), speed, memory))
 
 
 def test_a_photo_over_the_calibrated_memory_budget_is_answered_with_fewer_tiles(pipe, tmp_path):
