@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from smoledge.runtime.cache import cache_dir
+from smoledge.runtime.cache import cache_path
 
 RECIPE_VERSION = "smolvlm2-2.2b-random-v1"
 SEED = 0
@@ -41,7 +41,7 @@ MARKER = ".smoledge-built"
 
 
 def default_full_dir() -> Path:
-    return cache_dir() / "models" / "smolvlm2-2.2b-random"
+    return cache_path("models") / "smolvlm2-2.2b-random"
 
 
 def recipe_hash(overrides: dict | None = None) -> str:

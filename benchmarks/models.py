@@ -12,7 +12,7 @@ import numpy as np
 
 from smoledge.benchmarks.config import Workload
 from smoledge.benchmarks.peers import Case
-from smoledge.runtime.cache import cache_dir
+from smoledge.runtime.cache import cache_path
 
 FIDELITY_MAX_TOKENS = 512  # per text chunk, as quantize/fidelity.py
 
@@ -39,7 +39,7 @@ def model_stamp(model_dir: Path) -> str:
 
 
 def work_dir_for(size: str, model_dir: Path) -> Path:
-    return cache_dir() / "bench" / f"{size}-{model_stamp(model_dir)}"
+    return cache_path("bench") / f"{size}-{model_stamp(model_dir)}"
 
 
 def ensure_bundle(model_dir: Path, work_dir: Path, recipe: str = "int4", formats: tuple[str, ...] = ("onnx",)) -> Path:

@@ -9,9 +9,11 @@ the local run fails before its first token, streams, and records every cloud cal
         print(chunk.text, end="", flush=True)
 
 ``result.decision`` is the route in force; it changes (and ``on_decision`` is called) when a local
-failure hands the request to the cloud, always before the first cloud chunk.  ``answer_text`` is the
-non-streaming form.  Errors: CloudDisabledError when the request needs the cloud and never-cloud is on
-(raised by ``answer`` itself); FallbackFailedError when local failed and the cloud failed too.
+failure hands the request to the cloud, always before the first cloud chunk.  ``result.engine`` is the
+local engine that answers: after a tile reduction (``--max-tiles``), a view with fewer tiles, whose
+``last_stats`` are that run's.  ``answer_text`` is the non-streaming form.  Errors: CloudDisabledError when
+the request needs the cloud and never-cloud is on (raised by ``answer`` itself); FallbackFailedError when
+local failed and the cloud failed too.
 """
 
 from __future__ import annotations

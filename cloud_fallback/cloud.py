@@ -46,7 +46,7 @@ from smoledge.runtime.manifest import Manifest
 from smoledge.runtime.types import ChatRequest, StreamChunk
 
 from .client import CallRecord, RouterClient, tag
-from .config import DEFAULT_MODELS, CloudConfig, RouterConfig, hub_offline
+from .config import DEFAULT_MODELS, CloudConfig, RouterConfig, hub_offline, listing_path
 from .ledger import Ledger, LedgerEntry
 from .policy import Decision
 from .pricing import PriceBook, fetch_price_book
@@ -101,7 +101,7 @@ class CloudFallback:
         self.cooldown = cooldown or Cooldown(config.cooldown)
         self.spend_cap = spend_cap
         self.backoff = Backoff(config.retry)
-        self._listing_cache = Path(cache_dir) / "cloud_models.json" if cache_dir is not None else None
+        self._listing_cache = listing_path(cache_dir) if cache_dir is not None else None
         self._clock, self._sleep, self._rng = clock, sleep, rng or random.Random()
         self._client: RouterClient | None = None
         self._prices: tuple[float, PriceBook] | None = None  # (monotonic time fetched, book)

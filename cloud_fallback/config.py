@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smoledge.errors import ConfigError
+from smoledge.runtime.cache import cache_path
 
 from .profiles import DeviceProfile, load_profile
 
@@ -180,7 +181,12 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 def ledger_path(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "cloud_ledger.sqlite"
+    return cache_path("cloud_ledger.sqlite", cache_dir)
+
+
+def listing_path(cache_dir: Path) -> Path:
+    """The cloud router's /models listing kept between processes (prices, context windows)."""
+    return cache_path("cloud_models.json", cache_dir)
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:

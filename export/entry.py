@@ -31,12 +31,16 @@ _LIBRARY_LOGGERS = ("torch", "torch.utils._pytree", "torch.onnx", "torch.onnx._i
                     "transformers", "torchao", "coremltools", "executorch")
 
 
-def require_export_extra(command: str) -> None:
-    """A one-line :class:`ConfigError` naming the first missing package of the ``[export]`` extra."""
+def require_export_extra(command: str, *, subject: str | None = None, alternative: str | None = None) -> None:
+    """A one-line :class:`ConfigError` naming the first missing package of the ``[export]`` extra:
+    "`smoledge COMMAND` needs the export extra, ...".  ``subject`` replaces "`smoledge COMMAND`" where
+    the command needs the extra only for some inputs (``run`` on a checkpoint); ``alternative`` is added to
+    the install hint (what to do instead)."""
     for name in EXPORT_PACKAGES:
         if importlib.util.find_spec(name) is None:
-            raise ConfigError(f"`smoledge {command}` needs the export extra, which is not installed ({name})",
-                              hint=install_hint("export"))
+            hint = install_hint("export") + (f", {alternative}" if alternative else "")
+            raise ConfigError(f"{subject or f'`smoledge {command}`'} needs the export extra, which is not "
+                              f"installed ({name})", hint=hint)
 
 
 class _DropTorchaoKernelNoise(logging.Filter):

@@ -42,10 +42,10 @@ def with_measured_memory(staging, manifest: Manifest) -> Manifest:
 
 
 def _cached_measure(folder: Path, manifest: Manifest, fmt: str) -> MeasuredMemory:
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
     from smoledge.runtime.memory_probe import measure_memory
 
-    path = cache_dir() / "memory" / f"{measurement_key(manifest, fmt)}.json"
+    path = cache_path("memory") / f"{measurement_key(manifest, fmt)}.json"
     if path.is_file():
         try:
             return MeasuredMemory.from_dict(json.loads(path.read_text()), str(path))

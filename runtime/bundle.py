@@ -112,10 +112,10 @@ def read_manifest(path: Path) -> Manifest:
 def _verify_cached(bundle: Bundle) -> None:
     """Full sha256 check, skipped for files whose size and mtime are unchanged since the last full check
     of this bundle (``smoledge bundle verify`` always hashes everything)."""
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
     key_name = hashlib.sha256(str(bundle.path.resolve()).encode()).hexdigest()[:16]
-    stamp_path = cache_dir() / "verified" / f"{key_name}.json"
+    stamp_path = cache_path("verified") / f"{key_name}.json"
     stamps = {}
     try:
         stamps = json.loads(stamp_path.read_text())

@@ -31,9 +31,9 @@ _CHUNK = 1 << 20
 
 
 def zip_cache() -> Path:
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
-    return cache_dir() / "bundles"
+    return cache_path("bundles")
 
 
 def extract_zip(path: Path) -> Path:

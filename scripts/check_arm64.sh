@@ -60,8 +60,7 @@ if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then  # no systemd here to do
 fi
 grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 || skip "the aarch64 binfmt handler is disabled"
 
-CACHE=$("$HOST_PY" -c 'from smoledge.runtime.cache import cache_dir; print(cache_dir())')
-STATE=$CACHE/arm64
+STATE=$("$HOST_PY" -c 'from smoledge.runtime.cache import cache_path; print(cache_path("arm64"))')
 OUT=${ARM64_OUT:-$STATE/last-run}
 mkdir -p "$STATE" "$OUT"
 exec 9>"$STATE/lock"

@@ -1,13 +1,16 @@
 """``smoledge cache [--json]`` and ``smoledge cache prune [--all]``: what the smoledge cache holds.
 
-The cache (``$SMOLEDGE_CACHE_DIR`` or the user cache dir) holds built demo ``models/``, bundles
-exported by ``smoledge run MODEL`` (``exports/``) or pulled from the Hub (``hub/``), bundles extracted
-from zips (``bundles/``), verified-hash stamps (``verified/``), device ``calibration/``,
-benchmark builds (``bench/``), the cloud usage ledger, and - after a crash - leftovers: half-extracted
-``.partial`` folders and staging folders of dead processes.  ``prune`` removes what is safe to lose
-and cheap to rebuild: leftovers, extracted copies whose zip is gone or changed, and corrupt stamps.
-``prune --all`` also removes every extracted bundle and all stamps (re-made on the next run); it never
-removes models, exports, pulled bundles, calibration or the usage ledger (delete those by hand if you mean to).
+The cache (``$SMOLEDGE_CACHE_DIR`` or the user cache dir) holds what is registered in
+:data:`smoledge.runtime.cache.CACHE_ENTRIES` - built demo ``models/``, bundles exported by ``smoledge run
+MODEL`` (``exports/``) or pulled from the Hub (``hub/``), bundles extracted from zips (``bundles/``),
+verified-hash stamps (``verified/``), device ``calibration/``, export's ``memory/`` measurements, benchmark
+builds (``bench/``), the test suite's ``test-bundles/`` and ``js-bundles/``, the cloud usage ledger and model
+listing - and, after a crash, leftovers: half-extracted ``.partial`` folders and staging folders of dead
+processes.  Each kind is listed with its size and what it is; anything else found there is listed as
+``unknown`` (never hidden, never pruned).  ``prune`` removes what is safe to lose and cheap to rebuild:
+leftovers, extracted copies whose zip is gone or changed, and corrupt stamps.  ``prune --all`` also
+removes every extracted bundle and all stamps (re-made on the next run); it never removes anything else
+(delete that by hand if you mean to).
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("models", "exports", "hub bundles", "bundles", "extracted zips", "verify stamps", "calibration", "bench", "ledger", "leftovers")
+from smoledge.runtime.cache import CACHE_ENTRIES
+
+LEFTOVERS = "half-written folders of dead processes (smoledge cache prune removes them)"
+UNKNOWN = "not written by this smoledge version (delete it by hand if it is not needed)"
+# what each kind `smoledge cache` shows is, in the order shown
+WHAT = {**{entry.kind: entry.what for entry in CACHE_ENTRIES}, "leftovers": LEFTOVERS, "unknown": UNKNOWN}
+KINDS = tuple(WHAT)
 
 
 @dataclass(frozen=True)
@@ -40,31 +49,66 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def scan(root: Path) -> list[Entry]:
+    """Every registered cache entry found under ``root``, then anything else there (kind ``unknown``)."""
+    entries: list[Entry] = []
+    for registered in CACHE_ENTRIES:
+        scanner = _SCANNERS.get(registered.name)
+        if scanner is not None:
+            entries += scanner(root / registered.name, registered.kind)
+        elif registered.file:
+            entries += [Entry(registered.kind, p, _size(p)) for p in sorted(root.glob(f"{registered.name}*"))]
+        else:
+            entries += [Entry(registered.kind, p, _size(p)) for p in _children(root / registered.name)]
+    entries += [Entry("unknown", p, _size(p)) for p in _unregistered(root)]
+    return entries
+
+
+def _with_leftovers(folders: list[Path], kind: str) -> list[Entry]:
+    """Bundles written through a staging folder: the dead writers' staging folders are leftovers."""
     from smoledge.export.bundle_writer import leftovers
 
-    entries: list[Entry] = []
-    for path in _children(root / "models"):
-        entries.append(Entry("models", path, _size(path)))
-    for kind, folders in (("exports", [root / "exports"]), ("hub bundles", _children(root / "hub"))):
-        for folder in folders:  # `smoledge run MODEL`'s exports, `smoledge pull`'s bundles (<owner>--<name>/<commit>)
-            dead = set(leftovers(folder))
-            for path in _children(folder):
-                stale = path in dead
-                entries.append(Entry("leftovers" if stale else kind, path, _size(path), stale=stale))
-    bundles = root / "bundles"
+    entries = []
+    for folder in folders:
+        dead = set(leftovers(folder))
+        for path in _children(folder):
+            stale = path in dead
+            entries.append(Entry("leftovers" if stale else kind, path, _size(path), stale=stale))
+    return entries
+
+
+def _extracted(bundles: Path, kind: str) -> list[Entry]:
+    from smoledge.export.bundle_writer import leftovers
+
     dead = set(leftovers(bundles)) | set(_dead_partials(bundles))
+    entries = []
     for path in _children(bundles):
         if path.is_dir():
-            kind = "leftovers" if path in dead or ".partial" in path.name else "extracted zips"
-            entries.append(Entry(kind, path, _size(path), stale=kind == "leftovers" or _zip_gone(path)))
-    for path in _children(root / "verified"):
-        entries.append(Entry("verify stamps", path, _size(path), stale=_stamp_gone(path)))
-    for kind, sub in (("calibration", "calibration"), ("bench", "bench")):
-        for path in _children(root / sub):
-            entries.append(Entry(kind, path, _size(path)))
-    for path in root.glob("*ledger*.sqlite*"):
-        entries.append(Entry("ledger", path, _size(path)))
+            left = path in dead or ".partial" in path.name
+            entries.append(Entry("leftovers" if left else kind, path, _size(path), stale=left or _zip_gone(path)))
     return entries
+
+
+def _stamps(folder: Path, kind: str) -> list[Entry]:
+    return [Entry(kind, path, _size(path), stale=_stamp_gone(path)) for path in _children(folder)]
+
+
+# the registered entries whose items need more than a listing (the others: every child, or name* files)
+_SCANNERS = {
+    "exports": lambda folder, kind: _with_leftovers([folder], kind),  # `smoledge run MODEL`'s exports
+    "hub": lambda folder, kind: _with_leftovers(_children(folder), kind),  # <owner>--<name>/<commit>
+    "bundles": _extracted,
+    "verified": _stamps,
+}
+
+
+def _unregistered(root: Path) -> list[Path]:
+    folders = {e.name for e in CACHE_ENTRIES if not e.file}
+    files = tuple(e.name for e in CACHE_ENTRIES if e.file)
+    try:
+        found = sorted(root.iterdir())
+    except OSError:
+        return []
+    return [p for p in found if p.name not in folders and not p.name.startswith(files)]
 
 
 def prune(root: Path, *, everything: bool = False) -> list[Entry]:
@@ -96,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     entries = scan(root)
     if args.json:
-        print(json.dumps({"cache_dir": str(root), "entries": [e.to_json() for e in entries]}))
+        print(json.dumps({"cache_dir": str(root), "entries": [e.to_json() for e in entries], "kinds": WHAT}))
         return 0
     print(f"smoledge cache: {root}")
     for kind in KINDS:
@@ -104,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
         if mine:
             stale = sum(e.stale for e in mine)
             note = f", {stale} stale (smoledge cache prune)" if stale else ""
-            print(f"  {kind:15} {len(mine):4} item(s) {_human(sum(e.size for e in mine)):>10}{note}")
+            print(f"  {kind:15} {len(mine):4} item(s) {_human(sum(e.size for e in mine)):>10}{note}  {WHAT[kind]}")
     if not entries:
         print("  (empty)")
     return 0

@@ -39,11 +39,11 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
     """The bundle in Hub repo ``repo_id``, downloaded once and verified against its manifest."""
     from smoledge.export.loader import hub_snapshot
     from smoledge.runtime.bundle import open_bundle
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
     head = hub_snapshot(repo_id, revision, [MANIFEST], kind="bundle")
     files = _listed_files(head, repo_id)
-    dest = cache_dir() / "hub" / repo_id.replace("/", "--") / head.name  # the snapshot is named by its commit
+    dest = cache_path("hub") / repo_id.replace("/", "--") / head.name  # the snapshot is named by its commit
     if (dest / MANIFEST).is_file():
         return open_bundle(dest, verify=True).path
     snapshot = hub_snapshot(repo_id, head.name, [MANIFEST, *files], kind="bundle")

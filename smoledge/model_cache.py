@@ -11,13 +11,12 @@ interrupted one leaves no half-written bundle; the next run with the same inputs
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
-from smoledge.errors import BundleError, ConfigError, ModelLoadError
+from smoledge.errors import BundleError, ModelLoadError
 
 # an owner/name Hub id, as huggingface_hub validates them
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -77,12 +76,12 @@ def cache_key(model: str, revision: str | None, folder: Path, recipe: str, forma
 
 
 def export_path(model: str, revision: str | None, folder: Path, recipe: str, formats: tuple[str, ...]) -> Path:
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-.") or "model"
     label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(recipe).stem)
     key = cache_key(model, revision, folder, recipe, formats)
-    return cache_dir() / "exports" / f"{name}-{label}-{'+'.join(formats)}-{key}"
+    return cache_path("exports") / f"{name}-{label}-{'+'.join(formats)}-{key}"
 
 
 def cached_export(model: str, revision: str | None, folder: Path, quant: str | None, backend: str | None) -> Path:
@@ -92,6 +91,10 @@ def cached_export(model: str, revision: str | None, folder: Path, quant: str | N
     out = export_path(model, revision, folder, recipe_name, formats)
     if (out / "manifest.json").is_file():
         return out
+    from smoledge.export.entry import require_export_extra
+
+    require_export_extra("run", subject="running a checkpoint (it is exported first)",  # before saying it exports
+                         alternative="or run a bundle ('smoledge pull REPO_ID' fetches a pre-built one)")
     print(f"smoledge run: exporting {model} once ({recipe_name}, {', '.join(formats)}) into {out}",
           file=sys.stderr, flush=True)
     _export(model, revision, out, recipe_name, formats)
@@ -99,14 +102,8 @@ def cached_export(model: str, revision: str | None, folder: Path, quant: str | N
 
 
 def _export(model: str, revision: str | None, out: Path, recipe_name: str, formats: tuple[str, ...]) -> None:
-    from smoledge.errors import install_hint
-    from smoledge.export.entry import EXPORT_PACKAGES, quiet_libraries
+    from smoledge.export.entry import quiet_libraries
 
-    missing = next((name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None), None)
-    if missing:
-        raise ConfigError(f"running a checkpoint exports it first, which needs the export extra ({missing} is "
-                          "not installed)", hint=f"{install_hint('export')}, or run a bundle ('smoledge pull "
-                          "REPO_ID' fetches a pre-built one)")
     quiet_libraries()
     from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe

@@ -181,8 +181,8 @@ def main(args: argparse.Namespace) -> int:
                 interrupts.end_line()
             raise
     print("" if stream else "".join(pieces).strip())
-    if stats and result.decision.route == "local":
-        print(timings(pipe.last_stats, args.backend), file=sys.stderr)
+    if stats and result.decision.route == "local":  # the engine that answered: fewer tiles is a view of pipe
+        print(timings(result.engine.last_stats, args.backend), file=sys.stderr)
     return 0
 
 

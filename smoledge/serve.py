@@ -6,7 +6,9 @@
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``), ``GET /v1/models`` and
 ``GET /health``.  Every request goes through the local-first entry point
 :func:`smoledge.cloud_fallback.answer`; the response says where it ran and why (``x-smoledge-route``
-headers and a ``smoledge`` field).  See docs/server.md.
+headers and a ``smoledge`` field).  ``--max-tiles auto|N`` (``$SMOLEDGE_MAX_TILES``) applies the tile budget
+per request, as for ``smoledge run``: a photo that does not fit the device is answered locally with fewer
+tiles (route code ``fewer-tiles``) instead of going to the cloud or being refused.  See docs/server.md.
 
 This module only parses flags and is imported by the ``smoledge`` command on every run, so it imports
 nothing heavy: the web stack (Starlette + uvicorn, the ``[serve]`` extra) and the model are loaded in
@@ -185,9 +187,11 @@ def main(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    tiles = config.policy.max_tiles
     print(f"smoledge serve: {model_id} on http://{shown}:{port}/v1 (profile {config.profile.name}, queue "
           f"{args.queue_size}{', API key required' if args.api_key else ''}"
-          f"{', never-cloud' if config.policy.never_cloud else ''})", file=sys.stderr, flush=True)
+          f"{', never-cloud' if config.policy.never_cloud else ''}"
+          f"{f', --max-tiles {tiles}' if tiles is not None else ''})", file=sys.stderr, flush=True)
     if not args.api_key and not is_loopback(args.host):
         print(f"smoledge serve: warning: listening on {args.host} without --api-key: anyone on the network can "
               "use this model (and its cloud fallback)", file=sys.stderr, flush=True)

@@ -1,11 +1,13 @@
 """The access log of ``smoledge serve``: one line per request on stderr, on by default (``--no-access-log``)::
 
     smoledge serve: POST /v1/chat/completions 200 local 37+24 tokens 2.31 s
+    smoledge serve: POST /v1/chat/completions 200 local (5 of 13 tiles) 92+16 tokens 1.80 s
     smoledge serve: GET /health 200 0.00 s
 
 Method, path (no query string, cut at 120 characters, non-printable characters escaped), status, where a
 chat request ran (local / cloud), its prompt + completion tokens, and the seconds until the response was
-sent in full (a stream's last event).  Nothing from headers or bodies is written: never the API key,
+sent in full (a stream's last event); ``(5 of 13 tiles)`` when the tile budget (``--max-tiles``) answered a
+photo with fewer tiles.  Nothing from headers or bodies is written: never the API key,
 never an image or a prompt.  The chat handler fills the request's :class:`AccessRecord` (``scope``
 key ``smoledge.access``) with its route and usage.
 """
@@ -24,6 +26,7 @@ _MAX_PATH = 120
 @dataclass
 class AccessRecord:
     route: str | None = None  # local / cloud
+    note: str | None = None  # e.g. "5 of 13 tiles": the tile budget answered with fewer tiles
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
@@ -35,6 +38,8 @@ def format_line(method: str, path: str, status: int | None, record: AccessRecord
     parts = [method[:16], shown, str(status) if status is not None else "-"]
     if record.route:
         parts.append(record.route)
+    if record.note:
+        parts.append(f"({record.note})")
     if record.prompt_tokens is not None:
         parts.append(f"{record.prompt_tokens}+{record.completion_tokens or 0} tokens")
     parts.append(f"{seconds:.2f} s")

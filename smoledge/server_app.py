@@ -157,6 +157,8 @@ class _Handlers:
             headers = route.headers() if route is not None else {}
             record = request.scope.get(SCOPE_KEY) or AccessRecord()
             record.route = route.route if route is not None else None
+            if job.tiles is not None and record.route == "local":
+                record.note = f"{job.tiles[0]} of {job.tiles[1]} tiles"
             if parsed.stream:
                 stream = self._sse(job, parsed, first, cid, watcher, record)
                 handed_over = True

@@ -7,7 +7,8 @@ again after a cool-off).
 ``Service.admit(request, loop)`` returns a started :class:`Job`, or None when the server is full
 (in flight = running + waiting >= capacity).  A job runs the local-first entry point ``answer(...)``
 in its own thread and hands events to the event loop: ``("chunk", StreamChunk)`` ..., then one of
-``("end", Usage)``, ``("error", exc)`` or ``("cancelled", None)``; ``job.route`` is where it runs.
+``("end", Usage)``, ``("error", exc)`` or ``("cancelled", None)``; ``job.route`` is where it runs, and
+``job.tiles`` says when the tile budget answered a photo with fewer tiles.
 
 Local generation takes turns on the model through :class:`ModelGate`, first come first served; a job
 waiting for its turn, or generating, stops at the next token once ``Job.cancel()`` is called (client
@@ -96,17 +97,37 @@ class Admission:
 
 
 class RequestEngine:
-    """The ``LocalEngine`` one request sees: the shared model, taken in turn, stoppable per request."""
+    """The ``LocalEngine`` one request sees: the shared model, taken in turn, stoppable per request.
 
-    def __init__(self, engine: Any, gate: ModelGate):
+    It passes on what routing reads from the model: its ``backend`` (so the router applies the calibration
+    record and the measured memory of the backend really served, not ONNX's) and its ``image_config``;
+    ``with_image_config`` is the same request's view with fewer tiles, for the tile budget (``--max-tiles``,
+    cloud_fallback/tile_budget.py), sharing the model's turn and the request's stop."""
+
+    def __init__(self, engine: Any, gate: ModelGate, stop: threading.Event | None = None):
         self._engine, self._gate = engine, gate
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.shape: RequestShape | None = None
         self.stats: Any = None
 
     @property
     def manifest(self):
         return self._engine.manifest
+
+    @property
+    def backend(self) -> Any:
+        """The model's backend, read for its name by routing (``engine_format``); generation goes through
+        :meth:`stream`, in turn."""
+        return getattr(self._engine, "backend", None)
+
+    @property
+    def image_config(self) -> Any:
+        """The model's image settings where it can also split images another way (else None: no tile budget)."""
+        return getattr(self._engine, "image_config", None) if hasattr(self._engine, "with_image_config") else None
+
+    def with_image_config(self, image_config: Any) -> "RequestEngine":
+        """This request on the model splitting images by ``image_config`` (fewer tiles)."""
+        return RequestEngine(self._engine.with_image_config(image_config), self._gate, self.stop)
 
     def measure(self, request: ChatRequest) -> RequestShape:
         self.shape = self._engine.measure(request)
@@ -192,6 +213,7 @@ class Job:
         self.service, self.request, self.loop = service, request, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.route: Route | None = None
+        self.tiles: tuple[int, int] | None = None  # (answered with, asked for) after a tile reduction
         self.engine = RequestEngine(service.engine, service.gate)
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="smoledge-request", daemon=True)
@@ -230,7 +252,9 @@ class Job:
         try:
             result = answer(self.request, self.engine, config=self.service.config, health=health,
                             cloud=self.service.cloud, on_decision=self._on_decision)
-            final = self._consume(result)
+            if result.engine is not self.engine and result.shape is not None and self.engine.shape is not None:
+                self.tiles = (result.shape.image_tiles, self.engine.shape.image_tiles)  # fewer tiles, of how many
+            final = self._consume(result, result.engine)
         except BaseException as err:  # every failure goes to the client as an HTTP error
             final = ("error", err)
         finally:
@@ -243,7 +267,8 @@ class Job:
             self.service.finished(self, time.monotonic() - started)  # before the last event: a client that
             self._emit(*final)  # sends its next request at once finds the place free
 
-    def _consume(self, result: Any) -> tuple[str, Any]:
+    def _consume(self, result: Any, engine: Any) -> tuple[str, Any]:
+        """``engine``: the one the router answers with (a view with fewer tiles after a tile reduction)."""
         pieces = 0
         for piece in result:
             if self.cancelled:
@@ -252,10 +277,11 @@ class Job:
             self._emit("chunk", piece)
         if self.cancelled:
             return "cancelled", None
-        return "end", self._usage(pieces)
+        return "end", self._usage(pieces, engine)
 
-    def _usage(self, pieces: int) -> Usage:
-        stats, shape = self.engine.stats, self.engine.shape
+    def _usage(self, pieces: int, engine: Any) -> Usage:
+        stats = getattr(engine, "stats", None)
         if self.route is not None and self.route.route == "local" and stats is not None:
             return Usage(stats.prompt_tokens, stats.completion_tokens)
+        shape = self.engine.shape  # the request as sent to the cloud: all its tiles
         return Usage(shape.prompt_tokens if shape is not None else 0, pieces, estimated=True)

@@ -10,7 +10,7 @@ import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from smoledge.cloud_fallback.config import default_cache_dir, ledger_config_from_env, ledger_path
+from smoledge.cloud_fallback.config import default_cache_dir, ledger_config_from_env, ledger_path, listing_path
 from smoledge.cloud_fallback.ledger import GROUPINGS, Ledger, Total
 from smoledge.cloud_fallback.pricing import Price, cached_price_book
 from smoledge.cloud_fallback.spend import SpendCap
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render(totals, args.by))
     if cap is not None:
-        print(render_cap(cap, ledger, cached_price_book(cache_dir / "cloud_models.json").highest(), args.project))
+        print(render_cap(cap, ledger, cached_price_book(listing_path(cache_dir)).highest(), args.project))
     return 0
 
 

@@ -46,9 +46,9 @@ def cached_bundle(model_dir: Path, name: str, recipe: str, formats: tuple[str, .
     the bundle the previous ones made), from the cache when its inputs have not changed."""
     from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
-    out = cache_dir() / "test-bundles" / f"{name}-{bundle_key(model_dir, recipe, formats)}"
+    out = cache_path("test-bundles") / f"{name}-{bundle_key(model_dir, recipe, formats)}"
     if (out / "manifest.json").is_file():
         return out
     staging = out.with_name(f".{out.name}.{os.getpid()}")

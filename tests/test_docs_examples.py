@@ -75,7 +75,7 @@ def test_every_entry_runs_or_says_why_not(entry):
 def workdir(tmp_path_factory, realtext_int4_bundle, tiny_int4_bundle, realtext_model_dir, tiny_model_dir):
     """A folder laid out as the README expects after `make demo`: bundles/, examples/, .venv; a cache of its
     own (so calibration and the ledger stay here) that shares the built demo models."""
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
     root = tmp_path_factory.mktemp("docs-examples")
     (root / "bundles").mkdir()
@@ -85,7 +85,7 @@ def workdir(tmp_path_factory, realtext_int4_bundle, tiny_int4_bundle, realtext_m
     shutil.copytree(REPO / "examples", root / "examples")
     (root / ".venv").symlink_to(Path(sys.prefix))
     (root / "cache").mkdir()
-    (root / "cache" / "models").symlink_to(cache_dir() / "models")
+    (root / "cache" / "models").symlink_to(cache_path("models"))
     return root
 
 

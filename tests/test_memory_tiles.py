@@ -70,3 +70,25 @@ def test_without_a_tile_budget_the_refusal_says_how_to_get_one(pipe, tmp_path, r
     with pytest.raises(CloudDisabledError, match="13 tiles > 5 allowed") as info:
         answer(_photo(), pipe, config=cfg)
     assert "--max-tiles auto" in info.value.hint
+
+
+def test_run_stats_show_the_run_that_answered_with_fewer_tiles(tiny_int4_bundle, tmp_path, capsys):
+    """`run --stats` after a tile reduction: the figures of the reduced run, not the zeros of the pipeline
+    that was loaded but never ran (the view with fewer tiles did)."""
+    import re
+
+    from smoledge.cli import main
+
+    photo = tmp_path / "photo.png"
+    synthetic_image(400, 300).save(photo)
+    rc = main(["run", str(tiny_int4_bundle), "What is in this photo?", "--image", str(photo), "--max-tiles", "auto",
+               "--profile", "raspberry-pi-5-4gb", "--no-cloud", "--stats", "--max-new-tokens", "4",
+               "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "answered locally with 5 tiles instead of 13" in err, err
+    head = re.search(r"\[onnx: (\d+) prompt tokens, (\d+) tiles, (\d+) new tokens\]", err)
+    assert head is not None, err
+    prompt, tiles, new = map(int, head.groups())
+    assert tiles == 5 and prompt > 0 and 1 <= new <= 4, err
+    assert re.search(r"prompt eval = +[0-9.]+ ms / +%d tokens" % prompt, err), err

@@ -83,6 +83,13 @@ def test_demo_model_needs_the_export_extra(runtime_only, flags):
     _one_line_error(runtime_only("demo-model", *flags), "demo-model", "export")
 
 
+def test_run_on_a_checkpoint_needs_the_export_extra_and_says_what_else_to_do(runtime_only, tiny_model_dir):
+    line = _one_line_error(runtime_only("run", str(tiny_model_dir), "hi"), "run", "export")
+    assert line.startswith("smoledge run: error: running a checkpoint (it is exported first) needs the export "
+                           "extra, which is not installed (torch)"), line
+    assert "smoledge pull REPO_ID" in line  # run's own alternative, after the one install hint
+
+
 def test_serve_needs_the_serve_extra(runtime_only, tiny_int4_bundle):
     line = _one_line_error(runtime_only("serve", str(tiny_int4_bundle), "--port", "0"), "serve", "serve")
     assert "(starlette)" in line

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smoledge.runtime.cache import cache_dir
+from smoledge.runtime.cache import cache_path
 
 REPO = Path(__file__).resolve().parents[3]
 PARIS_QUESTION = "What is the capital of France? Answer in one sentence."
@@ -54,7 +54,7 @@ def export_key(model_dir: Path, recipe: str) -> str:
 
 
 def cached_bundle(model_dir: Path, name: str, recipe: str) -> Path:
-    out = cache_dir() / "js-bundles" / f"{name}-{export_key(model_dir, recipe)}"
+    out = cache_path("js-bundles") / f"{name}-{export_key(model_dir, recipe)}"
     if (out / "manifest.json").is_file():
         return out
     from smoledge.export.pipeline import ExportJob, export_bundle
