@@ -12,6 +12,9 @@ The shape of onnxruntime-genai's model builder (``src/python/py/models/builder.p
 * ``logits_to_keep`` [1] (int64): logits of the last that many positions only. Generation asks for 1 (prefill
   included); fidelity scoring asks for every position.
 * RMS norms fused with the residual adds (``SkipSimplifiedLayerNormalization``).
+* ``kv_cache`` (the recipe's): "float32", or "float16" -- the past/present buffers in fp16, and the attention
+  with them (onnxruntime's CPU GroupQueryAttention takes one type for q/k/v, the caches and cos/sin up to 1.22,
+  the runtime floor): q/k/v are cast to fp16 before each GQA and its context back to fp32 after it.
 
 Each weight ``MatMul`` is named after its HF module (``model.text_model.layers.0.self_attn.q_proj``, ``lm_head``),
 the names quantization recipes match, so ``quantize/onnx_quant.py`` applies to this graph as to a traced one.
@@ -24,7 +27,9 @@ import torch
 
 from smoledge.export.graphs import past_names, present_names, text_shape
 
-FLOAT, INT64, INT32 = "FLOAT", "INT64", "INT32"
+FLOAT, FLOAT16, INT64, INT32 = "FLOAT", "FLOAT16", "INT64", "INT32"
+TYPES = {"float32": FLOAT, "float16": FLOAT16, "int64": INT64}  # the manifest's dtype names -> ONNX types
+KV_DTYPES = ("float32", "float16")  # the recipe's kv_cache
 OPSET = 21
 MS = "com.microsoft"
 SUPPORTED = ("llama",)
@@ -41,6 +46,13 @@ def decoder_io(model) -> tuple[dict[str, list], dict[str, list]]:
     outputs = {"logits": ["batch_size", "logits_length", ts.vocab_size]}
     outputs.update({name: kv for name in present_names(ts.num_layers)})
     return inputs, outputs
+
+
+def decoder_dtypes(model, kv_cache: str = "float32") -> dict[str, str]:
+    """Every input's and output's dtype by name (numpy's names, what the manifest records)."""
+    inputs, outputs = decoder_io(model)
+    kinds = {"inputs_embeds": "float32", "attention_mask": "int64", "logits_to_keep": "int64", "logits": "float32"}
+    return {name: kinds.get(name, kv_cache) for name in [*inputs, *outputs]}
 
 
 class _Builder:
@@ -83,14 +95,14 @@ class _Builder:
         return y
 
 
-def _rotary_caches(text, head_dim: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def _rotary_caches(text, head_dim: int, capacity: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [capacity, head_dim/2] from the model's rotary module (its theta, scaling and attention factor)."""
     positions = torch.arange(capacity)[None]
     probe = torch.zeros(1, 1, head_dim)
     with torch.no_grad():
         cos, sin = text.rotary_emb(probe, position_ids=positions)
     half = head_dim // 2
-    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+    return cos[0, :, :half].float().numpy().astype(dtype), sin[0, :, :half].float().numpy().astype(dtype)
 
 
 def _lengths(b: _Builder, attention_mask):
@@ -101,15 +113,23 @@ def _lengths(b: _Builder, attention_mask):
     return seqlens, b.op("Cast", [width], {"to": 6})
 
 
-def _attention(b: _Builder, x, layer, i: int, n_heads: int, ts, past: tuple, present: tuple, lengths, rotary):
-    """q/k/v projections -> GroupQueryAttention (rotary inside, writes the past buffers in place) -> o_proj."""
+def _attention(b: _Builder, x, layer, i: int, n_heads: int, ts, past: tuple, present: tuple, lengths, rotary,
+               kv_type: str = FLOAT):
+    """q/k/v projections -> GroupQueryAttention (rotary inside, writes the past buffers in place) -> o_proj;
+    in ``kv_type`` (the caches' type: q/k/v cast to it before, the context cast back to fp32 after)."""
     attn = layer.self_attn
     prefix = f"model.text_model.layers.{i}.self_attn"
-    q, k, v = (b.linear(x, getattr(attn, p), f"{prefix}.{p}") for p in ("q_proj", "k_proj", "v_proj"))
-    context = b.value(f"{prefix}.context", FLOAT, ["batch_size", "sequence_length", n_heads * ts.head_dim])
-    b.op("GroupQueryAttention", [q, k, v, *past, *lengths, *rotary],
+    qkv = [b.linear(x, getattr(attn, p), f"{prefix}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+    if kv_type != FLOAT:
+        to = getattr(b.ir.DataType, kv_type).value
+        qkv = [b.op("Cast", [t], {"to": to}, name=f"{prefix}.{p}.to_{kv_type.lower()}")
+               for t, p in zip(qkv, ("q", "k", "v"))]
+    context = b.value(f"{prefix}.context", kv_type, ["batch_size", "sequence_length", n_heads * ts.head_dim])
+    b.op("GroupQueryAttention", [*qkv, *past, *lengths, *rotary],
          {"num_heads": n_heads, "kv_num_heads": ts.num_kv_heads, "do_rotary": 1, "rotary_interleaved": 0,
           "scale": float(attn.scaling)}, domain=MS, name=f"{prefix}.gqa", outputs=[context, *present])
+    if kv_type != FLOAT:
+        context = b.op("Cast", [context], {"to": b.ir.DataType.FLOAT.value}, name=f"{prefix}.context.to_float")
     return b.linear(context, attn.o_proj, f"{prefix}.o_proj")
 
 
@@ -142,30 +162,35 @@ def _check_supported(model) -> None:
                                   f"not {cfg.model_type}")
 
 
-def build(model, kv_capacity: int | None = None):
+def build(model, kv_capacity: int | None = None, kv_cache: str = "float32"):
     """The decoder as an onnx_ir Model (weights held as in-memory initializers). ``kv_capacity`` bounds the
-    rotary caches: the most positions a sequence may reach (default: the model's max_position_embeddings)."""
+    rotary caches: the most positions a sequence may reach (default: the model's max_position_embeddings).
+    ``kv_cache``: the past/present buffers' dtype, "float32" or "float16" (the attention runs in it)."""
     _check_supported(model)
     import onnx_ir as ir
+
+    if kv_cache not in KV_DTYPES:
+        raise ValueError(f"kv_cache {kv_cache!r} is not one of {', '.join(KV_DTYPES)}")
 
     cfg, ts = model.config.text_config, text_shape(model)
     text = model.model.text_model
     capacity = kv_capacity or cfg.max_position_embeddings
     b = _Builder()
     in_shapes, out_shapes = decoder_io(model)
-    inputs = {name: b.value(name, FLOAT if name.startswith(("inputs", "past")) else INT64, shape)
-              for name, shape in in_shapes.items()}
-    outputs = {name: b.value(name, FLOAT, shape) for name, shape in out_shapes.items()}
+    dtypes = decoder_dtypes(model, kv_cache)
+    inputs = {name: b.value(name, TYPES[dtypes[name]], shape) for name, shape in in_shapes.items()}
+    outputs = {name: b.value(name, TYPES[dtypes[name]], shape) for name, shape in out_shapes.items()}
     lengths = _lengths(b, inputs["attention_mask"])
     rotary = [b.weight(f"rotary.{kind}_cache", c) for kind, c in
-              zip(("cos", "sin"), _rotary_caches(text, ts.head_dim, capacity))]
+              zip(("cos", "sin"), _rotary_caches(text, ts.head_dim, capacity, np.dtype(kv_cache)))]
     hidden, residual = inputs["inputs_embeds"], None
     past, present = past_names(ts.num_layers), present_names(ts.num_layers)
     for i, layer in enumerate(text.layers):
         x, residual = _norm(b, hidden, residual, layer.input_layernorm, f"model.text_model.layers.{i}.input_layernorm")
         kv_in = (inputs[past[2 * i]], inputs[past[2 * i + 1]])
         kv_out = (outputs[present[2 * i]], outputs[present[2 * i + 1]])
-        hidden = _attention(b, x, layer, i, cfg.num_attention_heads, ts, kv_in, kv_out, lengths, rotary)
+        hidden = _attention(b, x, layer, i, cfg.num_attention_heads, ts, kv_in, kv_out, lengths, rotary,
+                            TYPES[kv_cache])
         x, residual = _norm(b, hidden, residual, layer.post_attention_layernorm,
                             f"model.text_model.layers.{i}.post_attention_layernorm")
         hidden = _mlp(b, x, layer, i)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,16 +29,18 @@ _BATCH, _SEQ, _TILES = 2, 5, 2
 class OnnxExportConfig:
     ort_fusions: str | None = "cpu"  # fuse into ONNX Runtime ops (RotaryEmbedding, norms) for the CPU EP
     opset: int | None = None
+    kv_cache: str = "float32"  # the decoder's KV cache dtype (the recipe's kv_cache)
 
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """What the manifest records of one graph: its I/O names and symbolic shapes."""
+    """What the manifest records of one graph: its I/O names, symbolic shapes and (where known) dtypes."""
 
     name: str
     inputs: dict[str, list]
     outputs: dict[str, list]
     fused: bool = False  # built with ONNX Runtime's fused ops already (no fusion pass after quantization)
+    dtypes: dict[str, str] = field(default_factory=dict)  # I/O name -> numpy dtype name; absent = unrecorded
 
 
 def _export(module, sample: dict, dynamic_shapes: dict, config: OnnxExportConfig):
@@ -86,10 +88,10 @@ def embed_spec(model) -> GraphSpec:
                      {"inputs_embeds": ["batch_size", "sequence_length", hidden]})
 
 
-def decoder_spec(model) -> GraphSpec:
-    from smoledge.export.onnx_decoder import decoder_io
+def decoder_spec(model, kv_cache: str = "float32") -> GraphSpec:
+    from smoledge.export.onnx_decoder import decoder_dtypes, decoder_io
 
-    return GraphSpec("decoder_model_merged", *decoder_io(model), fused=True)
+    return GraphSpec("decoder_model_merged", *decoder_io(model), fused=True, dtypes=decoder_dtypes(model, kv_cache))
 
 
 def export_vision(model, config: OnnxExportConfig):
@@ -118,7 +120,7 @@ def export_decoder(model, config: OnnxExportConfig):
     """Built op by op for ONNX Runtime (GroupQueryAttention, a shared KV buffer), not traced: onnx_decoder."""
     from smoledge.export.onnx_decoder import build
 
-    return build(model), decoder_spec(model)
+    return build(model, kv_cache=config.kv_cache), decoder_spec(model, config.kv_cache)
 
 
 EXPORTERS = {"vision_encoder": export_vision, "embed_tokens": export_embed, "decoder_model_merged": export_decoder}

@@ -58,7 +58,7 @@ def export(model, staging: BundleStaging, recipe: Recipe, options: OnnxTargetOpt
     # the tokenizer the pipeline wrote (staging.path() would unlink it: it is for writing)
     calibration = collect_for(model, recipe, staging.staging / "tokenizer.json")
     staging.clear_format(FORMAT)
-    config = OnnxExportConfig(opset=options.opset)
+    config = OnnxExportConfig(opset=options.opset, kv_cache=recipe.kv_cache)
     graphs = {}
     with tempfile.TemporaryDirectory(dir=staging.staging.parent, prefix=scratch_prefix("onnx")) as tmp:
         for name, file_name in GRAPHS.items():
@@ -132,8 +132,8 @@ def _finish_graph(program, spec, name: str, staging: BundleStaging, recipe: Reci
     say("writing into the bundle")
     files = save(program, staging.path(f"{FORMAT}/{name}.onnx"))
     rel = [f.relative_to(staging.staging).as_posix() for f in files]
-    return Graph(file=rel[0], method=None, files=tuple(rel), inputs=_tensors(spec.inputs),
-                 outputs=_tensors(spec.outputs), states={}, dims={}, precision=_precision(report.schemes),
+    return Graph(file=rel[0], method=None, files=tuple(rel), inputs=_tensors(spec.inputs, spec.dtypes),
+                 outputs=_tensors(spec.outputs, spec.dtypes), states={}, dims={}, precision=_precision(report.schemes),
                  bytes=sum(f.stat().st_size for f in files), quantization=report.to_dict())
 
 
@@ -149,8 +149,8 @@ def _counting_weights(progress, proto, recipe: Recipe):
                                   "quantizing weights", names)
 
 
-def _tensors(shapes: dict[str, list]) -> dict[str, Tensor]:
-    return {name: Tensor(tuple(dims), None) for name, dims in shapes.items()}
+def _tensors(shapes: dict[str, list], dtypes: dict[str, str]) -> dict[str, Tensor]:
+    return {name: Tensor(tuple(dims), dtypes.get(name)) for name, dims in shapes.items()}
 
 
 def _precision(schemes: dict[str, int]) -> str:

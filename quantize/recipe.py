@@ -4,7 +4,9 @@ A recipe is an ordered list of rules; each rule maps a weight-name pattern (HF p
 ``.weight``: ``model.text_model.layers.3.mlp.down_proj``, ``lm_head``, ``model.text_model.embed_tokens``)
 to a scheme.  The first matching rule wins; a weight no rule matches stays in float.  A recipe says
 nothing about packing or backend: the ONNX, ExecuTorch and Core ML targets each map a scheme onto
-their own quantizer, and the recipe is written verbatim into the bundle manifest.
+their own quantizer, and the recipe is written verbatim into the bundle manifest.  One top-level key is not
+about weights: ``kv_cache`` ("float32", the default, or "float16") is the ONNX decoder's KV cache dtype
+(docs/decoder.md); the ExecuTorch and Core ML targets keep their own cache.
 
 Built-in recipes live as JSON files in ``quantize/recipes/``; ``--quant NAME`` picks one, ``--quant
 path/to/recipe.json`` loads your own.
@@ -24,6 +26,8 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq", "importance")
 CALIBRATED = ("gptq", "importance")  # read activations from the calibration text
 SCALE_DTYPES = ("float32",)  # MatMulNBits scales take the activation type: fp32 graphs -> fp32 scales
+# the ONNX decoder's KV cache (and its attention) dtype; the other targets keep their own cache
+KV_CACHE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,12 @@ class Recipe:
     description: str = ""
     notes: dict = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
+    kv_cache: str = "float32"
 
     def __post_init__(self):
+        if self.kv_cache not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache {self.kv_cache!r} is not one of {', '.join(KV_CACHE_DTYPES)}",
+                              hint='e.g. "kv_cache": "float16" at the top of the recipe')
         if self.calibration is None and any(r.scheme.calibrated for r in self.rules):
             object.__setattr__(self, "calibration", CalibrationSpec())
 
@@ -114,7 +122,7 @@ class Recipe:
     def to_dict(self) -> dict:
         data = {"name": self.name, "description": self.description, "notes": dict(self.notes),
                 "rules": [{"match": r.match, "scheme": {**asdict(r.scheme), "zero_points": r.scheme.zero_points}}
-                          for r in self.rules]}
+                          for r in self.rules], "kv_cache": self.kv_cache}
         if self.calibration is not None:
             data["calibration"] = self.calibration.to_dict()
         return data
@@ -124,7 +132,8 @@ class Recipe:
         try:
             rules = tuple(Rule(r["match"], Scheme(**_scheme_fields(r.get("scheme", {})))) for r in data["rules"])
             return cls(name=data["name"], rules=rules, description=data.get("description", ""),
-                       notes=data.get("notes", {}), calibration=CalibrationSpec.from_dict(data.get("calibration")))
+                       notes=data.get("notes", {}), calibration=CalibrationSpec.from_dict(data.get("calibration")),
+                       kv_cache=data.get("kv_cache", "float32"))
         except (KeyError, TypeError) as err:
             raise ConfigError(f"malformed quantization recipe: {err}",
                               hint="a recipe is {name, rules: [{match, scheme: {bits, block_size, ...}}]}") from None
@@ -132,7 +141,7 @@ class Recipe:
     def with_rules_first(self, rules: tuple[Rule, ...], suffix: str) -> "Recipe":
         """The same recipe with ``rules`` tried before its own (e.g. a --vision-precision override)."""
         return Recipe(f"{self.name}+{suffix}", tuple(rules) + self.rules, self.description, dict(self.notes),
-                      self.calibration)
+                      self.calibration, self.kv_cache)
 
     @property
     def is_float(self) -> bool:

@@ -5,7 +5,9 @@ onnxruntime's full name; CPU by default, the others where the installed onnxrunt
 
 The decoder runs through I/O binding: the KV cache is one preallocated OrtValue per layer and kind, bound as
 both ``past_key_values.*`` and ``present.*`` (GroupQueryAttention writes into it in place), and a step's logits
-(``logits_to_keep`` = 1, prefill included) land in one preallocated [1, 1, vocab] OrtValue.
+(``logits_to_keep`` = 1, prefill included) land in one preallocated [1, 1, vocab] OrtValue.  The cache's dtype
+is the manifest's (the decoder's ``past_key_values.*`` dtype: float16 or float32; a bundle that records none
+has an fp32 cache).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"
 def provider_names(names) -> tuple[str, ...]:
     """onnxruntime's names for ``names`` ("cuda" -> "CUDAExecutionProvider"; full names kept as given)."""
     return tuple(PROVIDER_NAMES.get(n.strip().lower(), n.strip()) for n in names if n.strip())
+
+
+KV_DTYPES = {None: np.float32, "float32": np.float32, "float16": np.float16}  # manifest dtype -> numpy
 
 
 @dataclass
@@ -86,6 +91,7 @@ class OnnxBackend:
         self.past_names = [n for n in decoder.inputs if n.startswith("past_key_values.")]
         self.present_names = [n for n in decoder.outputs if n.startswith("present.")]
         self.kv_shape = decoder.inputs[self.past_names[0]].shape  # [batch, heads, capacity, head_dim]
+        self.kv_dtype = _kv_dtype(decoder.inputs[self.past_names[0]].dtype)
         self.vocab_size = int(decoder.outputs["logits"].shape[-1])
         self._device = "cpu"  # the cache and logits live in host memory, for every provider
 
@@ -125,11 +131,14 @@ class OnnxBackend:
         return self._run("embed_tokens", {"input_ids": input_ids.astype(np.int64)})[0]
 
     def new_cache(self, max_length: int) -> OnnxCache:
-        """Buffers for ``max_length`` positions, allocated once (untouched pages cost no memory until written)."""
+        """Buffers for ``max_length`` positions, allocated once and zeroed: GQA reads a shared buffer past the
+        valid length (masked, but a NaN bit pattern there would still reach the output). ``np.zeros`` pages
+        cost no memory until written; the OrtValues wrap the arrays without a copy."""
         _, heads, _, head_dim = self.kv_shape
-        new = self._ort.OrtValue.ortvalue_from_shape_and_type
-        past = [new([1, heads, max_length, head_dim], np.float32, self._device) for _ in self.past_names]
-        return OnnxCache(past, 0, max_length, new([1, 1, self.vocab_size], np.float32, self._device))
+        wrap = self._ort.OrtValue.ortvalue_from_numpy
+        past = [wrap(np.zeros((1, heads, max_length, head_dim), self.kv_dtype)) for _ in self.past_names]
+        logits = self._ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab_size], np.float32, self._device)
+        return OnnxCache(past, 0, max_length, logits)
 
     def _decode(self, inputs_embeds: np.ndarray, cache: OnnxCache, keep: int):
         """Run the decoder on [1,S,hidden] after ``cache`` (written in place); the logits of the last ``keep``
@@ -164,6 +173,13 @@ class OnnxBackend:
         """Teacher-forced logits at every position [S, vocab], in one decoder call on a fresh cache."""
         seq = inputs_embeds.shape[1]
         return self._decode(inputs_embeds, self.new_cache(seq), seq).numpy()[0].copy()
+
+
+def _kv_dtype(recorded: str | None):
+    if recorded not in KV_DTYPES:
+        raise BundleError(f"the decoder's KV cache dtype {recorded!r} is not one this smoledge runs "
+                          f"({', '.join(k for k in KV_DTYPES if k)})", hint="re-export the bundle with this smoledge")
+    return KV_DTYPES[recorded]
 
 
 def load(bundle: Bundle, **options) -> OnnxBackend:

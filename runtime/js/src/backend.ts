@@ -7,14 +7,16 @@
  * layer and kind, fed as `past_key_values.*` and fetched as `present.*` into the same tensor, so
  * GroupQueryAttention appends in place where the runtime binds the given output buffer (onnxruntime-node);
  * a runtime that returns fresh outputs instead (onnxruntime-web copies to and from its heap) is still
- * correct, as the cache takes whatever `present.*` came back. The decoder computes `logits_to_keep` = 1
+ * correct, as the cache takes whatever `present.*` came back. The cache's dtype is the manifest's (the decoder's
+ * `past_key_values.*` dtype; none recorded = float32): a float16 cache is Uint16Array-backed (zeroed, as
+ * GroupQueryAttention reads the buffer past the valid length). The decoder computes `logits_to_keep` = 1
  * position's logits, prefill included. The vision encoder runs `visionBatch` tiles per call; execution
  * providers are passed through.
  */
 
 import type { InferenceSession, Tensor } from "onnxruntime-common";
 
-import { BackendError } from "./errors.js";
+import { BackendError, BundleError } from "./errors.js";
 import type { GraphSpec, OnnxGraphs } from "./manifest.js";
 import type { StepModel } from "./generate.js";
 
@@ -45,6 +47,19 @@ export function sessionOptions(options: OnnxOptions): InferenceSession.SessionOp
   };
 }
 
+/** The KV cache dtypes the decoder may record, and the typed array each is held in. */
+const KV_ARRAYS = { float32: Float32Array, float16: Uint16Array } as const;
+type KvDtype = keyof typeof KV_ARRAYS;
+
+function kvDtype(recorded: string | null | undefined): KvDtype {
+  const dtype = recorded ?? "float32";
+  if (!(dtype in KV_ARRAYS)) {
+    throw new BundleError(`the decoder's KV cache dtype ${JSON.stringify(dtype)} is not one this runtime runs (${Object.keys(KV_ARRAYS).join(", ")})`,
+      { hint: "re-export the bundle with this smoledge" });
+  }
+  return dtype as KvDtype;
+}
+
 export interface KvCache {
   past: Tensor[];
   length: number;
@@ -59,6 +74,7 @@ export class OnnxBackend implements StepModel<KvCache> {
   private readonly headDim: number;
   private readonly vocabSize: number;
   readonly hiddenSize: number;
+  readonly kvDtype: KvDtype;
 
   private constructor(private readonly ort: OrtModule, private readonly sessions: Record<keyof OnnxGraphs, InferenceSession>,
     graphs: OnnxGraphs, hiddenSize: number, private readonly visionBatch: number,
@@ -69,6 +85,7 @@ export class OnnxBackend implements StepModel<KvCache> {
     this.heads = Number(shape[1]);
     this.headDim = Number(shape[3]);
     this.vocabSize = Number(graphs.decoder.outputs["logits"]![2]);
+    this.kvDtype = kvDtype(graphs.decoder.dtypes[this.pastNames[0]!]);
     this.hiddenSize = hiddenSize;
   }
 
@@ -112,9 +129,10 @@ export class OnnxBackend implements StepModel<KvCache> {
     return Object.values(out)[0]!.data as Float32Array;
   }
 
-  /** Buffers for `capacity` positions (the prompt plus the new tokens), allocated once. */
+  /** Buffers for `capacity` positions (the prompt plus the new tokens), allocated once, zeroed, in the manifest's dtype. */
   newCache(capacity: number): KvCache {
-    const past = this.pastNames.map(() => new this.ort.Tensor("float32", new Float32Array(this.heads * capacity * this.headDim),
+    const TypedArray = KV_ARRAYS[this.kvDtype];
+    const past = this.pastNames.map(() => new this.ort.Tensor(this.kvDtype, new TypedArray(this.heads * capacity * this.headDim),
       [1, this.heads, capacity, this.headDim]));
     const logits = new this.ort.Tensor("float32", new Float32Array(this.vocabSize), [1, 1, this.vocabSize]);
     return { past, length: 0, capacity, logits };

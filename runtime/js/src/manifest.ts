@@ -39,12 +39,14 @@ export interface Tokens {
   readonly eos_token?: string | null;
 }
 
-/** One ONNX graph: its file, sidecar data files and symbolic I/O shapes. */
+/** One ONNX graph: its file, sidecar data files, symbolic I/O shapes and their dtypes where recorded. */
 export interface GraphSpec {
   readonly file: string;
   readonly dataFiles: readonly string[];
   readonly inputs: Readonly<Record<string, readonly (number | string)[]>>;
   readonly outputs: Readonly<Record<string, readonly (number | string)[]>>;
+  /** I/O name -> numpy dtype name ("float16", "float32", "int64"); null or absent = not recorded. */
+  readonly dtypes: Readonly<Record<string, string | null>>;
 }
 
 /** The ONNX artifact by role; the manifest's graph keys are only known here. */
@@ -105,12 +107,14 @@ export function parseManifest(data: unknown, where: string): Manifest {
   return wrap(m, where);
 }
 
-type Tensors = Record<string, { shape: (number | string)[] }>;
+type Tensors = Record<string, { shape: (number | string)[]; dtype: string | null }>;
 const shapes = (t: Tensors): Record<string, (number | string)[]> => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, v.shape]));
+const dtypes = (t: Tensors): Record<string, string | null> => Object.fromEntries(Object.entries(t).map(([k, v]) => [k, v.dtype]));
 
 function graph(g: Json): GraphSpec {
   const files: string[] = g["files"];
-  return { file: g["file"], dataFiles: files.filter((f) => f !== g["file"]), inputs: shapes(g["inputs"]), outputs: shapes(g["outputs"]) };
+  return { file: g["file"], dataFiles: files.filter((f) => f !== g["file"]), inputs: shapes(g["inputs"]), outputs: shapes(g["outputs"]),
+    dtypes: { ...dtypes(g["inputs"]), ...dtypes(g["outputs"]) } };
 }
 
 function wrap(m: Json, where: string): Manifest {

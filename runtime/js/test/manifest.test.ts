@@ -17,6 +17,8 @@ test("a real manifest parses into the typed view", { skip }, () => {
   assert.equal(m.hiddenSize, 64);
   assert.deepEqual(m.formats, ["onnx"]);
   assert.ok(m.onnx().decoder.inputs["past_key_values.0.key"]);
+  assert.equal(m.onnx().decoder.dtypes["past_key_values.0.key"], "float32"); // the fp32 recipe's kv_cache
+  assert.equal(m.onnx().decoder.dtypes["attention_mask"], "int64");
   assert.match(m.onnxruntimeMin ?? "", /^1\.\d+/);
 });
 
