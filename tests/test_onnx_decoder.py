@@ -4,6 +4,11 @@ logits for the positions asked for only, and the all-positions path fidelity sco
 ``tests/fixtures/decoder_tokens_v2.json`` holds the greedy tokens of the decoder before this change (the
 concatenating-cache graph), recorded on the tiny model for 32 steps: text only, one image, two images, on the
 fp32 and the default int4 bundles.  The new decoder must give the same tokens.
+
+The KV cache dtype is the recipe's ``kv_cache`` (int4/int8: float16, fp32: float32).  The fixture was recorded
+with an fp32 cache; an fp16 cache flips two near-ties of the tiny random int4 model (text only at step 1: a
+top-2 margin of 0.03 against a logit change of 0.23), so the fixture's int4 tokens are checked on an int4
+bundle with an fp32 cache, and the fp16 cache against it at a stated logit tolerance.
 """
 
 from __future__ import annotations
@@ -46,10 +51,33 @@ def recorded() -> dict:
     return json.loads(FIXTURE.read_text())
 
 
+def _export_with_kv_cache(model_dir: Path, out: Path, recipe: str, kv_cache: str) -> Path:
+    from dataclasses import replace
+
+    from smoledge.export.pipeline import ExportJob, export_bundle
+    from smoledge.quantize.recipe import load_recipe
+
+    job = ExportJob(model=str(model_dir), out=out, recipe=replace(load_recipe(recipe), kv_cache=kv_cache),
+                    formats=("onnx",))
+    return export_bundle(job, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_kv32_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    """The default int4 recipe with an fp32 KV cache: the cache the fixture's tokens were recorded with."""
+    return _export_with_kv_cache(tiny_model_dir, tmp_path_factory.mktemp("kv") / "int4-kv32", "int4", "float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32_kv16_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    """fp32 weights with an fp16 KV cache: the cache's own effect, nothing else changed."""
+    return _export_with_kv_cache(tiny_model_dir, tmp_path_factory.mktemp("kv") / "fp32-kv16", "fp32", "float16")
+
+
 @pytest.mark.parametrize("recipe", ["fp32", "int4"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_tokens_equal_the_decoder_before_gqa(recipe, case, recorded, tiny_fp32_bundle, tiny_int4_bundle):
-    bundle = {"fp32": tiny_fp32_bundle, "int4": tiny_int4_bundle}[recipe]
+def test_tokens_equal_the_decoder_before_gqa(recipe, case, recorded, tiny_fp32_bundle, tiny_int4_kv32_bundle):
+    bundle = {"fp32": tiny_fp32_bundle, "int4": tiny_int4_kv32_bundle}[recipe]
     assert greedy_tokens(_pipe(bundle), case) == recorded["tokens"][recipe][case]
 
 
@@ -89,11 +117,13 @@ def test_all_logits_equal_stepwise_logits(tiny_fp32_bundle):
     np.testing.assert_allclose(every, stepwise, rtol=0, atol=1e-5 * np.abs(stepwise).max())
 
 
-def test_the_cache_is_written_in_place(tiny_fp32_bundle):
+@pytest.mark.parametrize("bundle", ["tiny_fp32_bundle", "tiny_int4_bundle"])  # an fp32 and an fp16 cache
+def test_the_cache_is_written_in_place(bundle, request):
     """Each step writes its keys/values into the same preallocated buffers (bound as past and present): the
     buffers keep their address and capacity, earlier positions stay as they were, the new one is written."""
-    backend = _pipe(tiny_fp32_bundle).backend
-    embeds = _prompt_embeds(_pipe(tiny_fp32_bundle), "text-only")
+    bundle = request.getfixturevalue(bundle)
+    backend = _pipe(bundle).backend
+    embeds = _prompt_embeds(_pipe(bundle), "text-only")
     capacity = embeds.shape[1] + 4
     cache = backend.new_cache(capacity)
     addresses = [value.data_ptr() for value in cache.past]
@@ -164,3 +194,96 @@ def test_the_memory_arena_can_be_turned_off(tiny_fp32_bundle):
     pipe = load(tiny_fp32_bundle, memory_arena=False, vision_session="keep")
     assert all(not s.get_session_options().enable_cpu_mem_arena for s in pipe.backend.sessions.values())
     assert greedy_tokens(pipe, "text-only", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["text-only"][:4]
+
+
+# ------------------------------------------------------------------------------------ the KV cache dtype
+
+
+def _decoder_dtypes(bundle: Path) -> dict:
+    decoder = json.loads((bundle / "manifest.json").read_text())["artifacts"]["onnx"]["graphs"]["decoder"]
+    return {name: t["dtype"] for part in ("inputs", "outputs") for name, t in decoder[part].items()}
+
+
+def test_the_manifest_records_the_kv_cache_dtype(tiny_fp32_bundle, tiny_int4_bundle):
+    """The recipe's kv_cache is the decoder's past/present dtype in the manifest, and the dtype the runtime
+    allocates: the default int4 recipe float16, the fp32 reference float32; the other I/O are recorded too."""
+    for bundle, kv in ((tiny_int4_bundle, "float16"), (tiny_fp32_bundle, "float32")):
+        dtypes = _decoder_dtypes(bundle)
+        assert {dtypes[n] for n in dtypes if n.startswith(("past_key_values.", "present."))} == {kv}
+        assert (dtypes["inputs_embeds"], dtypes["attention_mask"], dtypes["logits"]) == ("float32", "int64", "float32")
+        recipe = json.loads((bundle / "manifest.json").read_text())["artifacts"]["onnx"]["recipe"]
+        assert recipe["kv_cache"] == kv
+        backend, ort_type = _pipe(bundle).backend, {"float16": "tensor(float16)", "float32": "tensor(float)"}[kv]
+        assert {v.data_type() for v in backend.new_cache(4).past} == {ort_type}
+        assert {i.type for i in backend.sessions["decoder"].get_inputs() if i.name.startswith("past_")} == {ort_type}
+
+
+def test_an_fp16_cache_keeps_the_fp32_weights_tokens(tiny_fp32_kv16_bundle, recorded):
+    """fp32 weights over an fp16 KV cache: the fixture's 32 greedy tokens in every case, unchanged."""
+    for case in CASES:
+        assert greedy_tokens(_pipe(tiny_fp32_kv16_bundle), case) == recorded["tokens"]["fp32"][case]
+
+
+@pytest.mark.parametrize("weights, tolerance", [("fp32", 2e-2), ("int4", 1e-1)])
+def test_fp16_and_fp32_cache_logits_agree(weights, tolerance, tiny_fp32_bundle, tiny_fp32_kv16_bundle,
+                                          tiny_int4_bundle, tiny_int4_kv32_bundle):
+    """32 teacher-forced steps after the two-image prompt: the fp16 cache's logits within ``tolerance`` x the
+    largest |logit| of the fp32 cache's (measured 0.009 on fp32 weights, 0.05-0.06 on int4, whose 8-bit
+    activation quantization amplifies the change), and not identical (the cache really is fp16)."""
+    kv32, kv16 = {"fp32": (tiny_fp32_bundle, tiny_fp32_kv16_bundle),
+                  "int4": (tiny_int4_kv32_bundle, tiny_int4_bundle)}[weights]
+    a, b = _pipe(kv32).backend, _pipe(kv16).backend
+    embeds = _prompt_embeds(_pipe(kv32), "two-images")
+    ca, cb = a.new_cache(embeds.shape[1] + STEPS), b.new_cache(embeds.shape[1] + STEPS)
+    la, lb = a.step(embeds, ca), b.step(embeds, cb)
+    worst = 0.0
+    for _ in range(STEPS):
+        worst = max(worst, float(np.abs(la - lb).max() / np.abs(la).max()))
+        token = a.embed(np.array([[int(la.argmax())]]))
+        la, lb = a.step(token, ca), b.step(token, cb)
+    assert 0 < worst < tolerance
+
+
+def test_a_manifest_without_dtypes_runs_an_fp32_cache(tiny_fp32_bundle, tmp_path, recorded):
+    """Bundles exported before the KV dtype was recorded (every dtype null, no kv_cache in the recipe) load
+    with an fp32 cache and give the same tokens."""
+    import shutil
+
+    old = shutil.copytree(tiny_fp32_bundle, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    section = manifest["artifacts"]["onnx"]
+    section["recipe"].pop("kv_cache")
+    for graph in section["graphs"].values():
+        for part in ("inputs", "outputs"):
+            for tensor in graph[part].values():
+                tensor["dtype"] = None
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    pipe = load(old)
+    assert pipe.backend.kv_dtype is np.float32
+    assert greedy_tokens(pipe, "text-only", 4) == recorded["tokens"]["fp32"]["text-only"][:4]
+
+
+def test_the_recipe_kv_cache_is_checked():
+    from smoledge.errors import ConfigError
+    from smoledge.quantize.recipe import Recipe, builtin_recipes, load_recipe
+
+    rules = [{"match": "*", "scheme": {"bits": None}}]
+    assert Recipe.from_dict({"name": "r", "rules": rules}).kv_cache == "float32"  # a recipe without the key
+    with pytest.raises(ConfigError, match="kv_cache 'int8' is not one of float32, float16"):
+        Recipe.from_dict({"name": "r", "rules": rules, "kv_cache": "int8"})
+    assert {name: load_recipe(name).kv_cache for name in builtin_recipes()} == {
+        name: "float32" if name == "fp32" else "float16" for name in builtin_recipes()}
+
+
+def test_a_kv_cache_dtype_this_runtime_does_not_run_is_a_bundle_error(tiny_fp32_bundle, tmp_path):
+    import shutil
+
+    from smoledge.errors import BundleError
+
+    odd = shutil.copytree(tiny_fp32_bundle, tmp_path / "odd")
+    manifest = json.loads((odd / "manifest.json").read_text())
+    for tensor in manifest["artifacts"]["onnx"]["graphs"]["decoder"]["inputs"].values():
+        tensor["dtype"] = "int8" if tensor["dtype"] == "float32" and len(tensor["shape"]) == 4 else tensor["dtype"]
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="KV cache dtype 'int8'"):
+        load(odd)

@@ -11,6 +11,7 @@ const skip = need("bundles.json") || (!readJson<Bundles>("bundles.json").realtex
 test("the real-text INT4 bundle answers Paris on onnxruntime-node", { skip }, async () => {
   const b = readJson<Bundles>("bundles.json");
   const pipe = await loadPipeline(b.realtext_int4!);
+  assert.equal(pipe.backend.kvDtype, pipe.manifest.onnx().decoder.dtypes["past_key_values.0.key"] ?? "float32");
   const image = await loadImage(b.house);
   const chunks: string[] = [];
   for await (const c of pipe.stream({ messages: [{ role: "user", content: [{ type: "image", image }, { type: "text", text: b.paris_question }] }], sampling: { maxNewTokens: 24 } })) {
