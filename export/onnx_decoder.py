@@ -12,9 +12,9 @@ The shape of onnxruntime-genai's model builder (``src/python/py/models/builder.p
 * ``logits_to_keep`` [1] (int64): logits of the last that many positions only. Generation asks for 1 (prefill
   included); fidelity scoring asks for every position.
 * RMS norms fused with the residual adds (``SkipSimplifiedLayerNormalization``).
-* ``kv_cache`` (the recipe's): "float32", or "float16" -- the past/present buffers in fp16, and the attention
-  with them (onnxruntime's CPU GroupQueryAttention takes one type for q/k/v, the caches and cos/sin up to 1.22,
-  the runtime floor): q/k/v are cast to fp16 before each GQA and its context back to fp32 after it.
+* ``kv_cache`` (the recipe's): "float32", or "float16" -- the past/present buffers in fp16 and the attention
+  with them (onnxruntime 1.22, the runtime floor, binds GQA's q/k/v, caches and cos/sin to one type): q/k/v
+  are cast to fp16 before each GQA and its context back to fp32 after it (docs/decoder.md, "KV cache precision").
 
 Each weight ``MatMul`` is named after its HF module (``model.text_model.layers.0.self_attn.q_proj``, ``lm_head``),
 the names quantization recipes match, so ``quantize/onnx_quant.py`` applies to this graph as to a traced one.
