@@ -69,6 +69,30 @@ def tiny_int4_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     return _export(tiny_model_dir, tmp_path_factory.mktemp("bundles") / "tiny-int4", "int4")
 
 
+def _export_with_kv_cache(model_dir: Path, out: Path, recipe: str, kv_cache: str) -> Path:
+    """A built-in recipe with its ``kv_cache`` replaced (the ONNX decoder's KV cache dtype)."""
+    from dataclasses import replace
+
+    from smoledge.export.pipeline import ExportJob, export_bundle
+    from smoledge.quantize.recipe import load_recipe
+
+    job = ExportJob(model=str(model_dir), out=out, recipe=replace(load_recipe(recipe), kv_cache=kv_cache),
+                    formats=("onnx",))
+    return export_bundle(job, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def export_with_kv_cache():
+    return _export_with_kv_cache
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_kv16_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    """fp32 weights with an fp16 KV cache: the cache's own effect, nothing else changed."""
+    return _export_with_kv_cache(tiny_model_dir, tmp_path_factory.mktemp("bundles") / "tiny-fp32-kv16", "fp32",
+                                 "float16")
+
+
 @pytest.fixture(scope="session")
 def fp32_bundle_with(tiny_model_dir, tiny_fp32_bundle, tmp_path_factory):
     """``fp32_bundle_with(fmt)``: the tiny fp32 ONNX bundle with format ``fmt`` added (built once per session)."""

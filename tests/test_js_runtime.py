@@ -41,12 +41,13 @@ def js_ready() -> None:
 
 
 @pytest.mark.slow
-def test_js_runtime_matches_python(js_ready, tiny_fp32_bundle: Path, realtext_int4_bundle: Path) -> None:
+def test_js_runtime_matches_python(js_ready, tiny_fp32_bundle: Path, realtext_int4_bundle: Path,
+                                   tiny_fp32_kv16_bundle: Path) -> None:
     import vectors
 
     out = JS / "out" / "vectors"
     shutil.rmtree(out, ignore_errors=True)
-    vectors.write_vectors(out, tiny_fp32_bundle, realtext_int4_bundle)
+    vectors.write_vectors(out, tiny_fp32_bundle, realtext_int4_bundle, tiny_fp32_kv16_bundle)
     env = {**os.environ, "SMOLEDGE_JS_VECTORS": str(out)}
     result = subprocess.run(["node", "--test", "--test-concurrency=1", "dist/test/"], cwd=JS, env=env,
                             capture_output=True, text=True, timeout=900)

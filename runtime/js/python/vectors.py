@@ -8,9 +8,10 @@ are exported from) or ``tests/test_js_runtime.py`` (the test session's bundles) 
                      the grid, the pixel_values file (float32, little-endian) and the prompt ids
   *.f32 / *.u8       pixel values / decoded pixels
   generation.json    greedy ids for 32 steps on the tiny fp32 bundle: text, one image, two images
+  generation_kv16.json  the same on the tiny fp32 bundle exported with an fp16 KV cache (kv_cache: float16)
   errors.json        class name, exit code and message of the Python runtime's error for each bad input
   resize.json        PIL LANCZOS resizes of random pictures to random sizes (both pass orders)
-  bundles.json       the bundles used (tiny fp32, real-text int4)
+  bundles.json       the bundles used (tiny fp32, tiny fp32 with an fp16 KV cache, real-text int4)
 
 Nothing here is committed; it is rebuilt from code.
 """
@@ -53,14 +54,20 @@ def export_key(model_dir: Path, recipe: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_bundle(model_dir: Path, name: str, recipe: str) -> Path:
-    out = cache_path("js-bundles") / f"{name}-{export_key(model_dir, recipe)}"
+def cached_bundle(model_dir: Path, name: str, recipe: str, kv_cache: str | None = None) -> Path:
+    """``recipe`` (with its kv_cache replaced when given), exported once per :func:`export_key`."""
+    key = export_key(model_dir, recipe if kv_cache is None else f"{recipe}:kv_cache={kv_cache}")
+    out = cache_path("js-bundles") / f"{name}-{key}"
     if (out / "manifest.json").is_file():
         return out
+    from dataclasses import replace
+
     from smoledge.export.pipeline import ExportJob, export_bundle
     from smoledge.quantize.recipe import load_recipe
 
-    return export_bundle(ExportJob(model=str(model_dir), out=out, recipe=load_recipe(recipe), formats=("onnx",)),
+    loaded = load_recipe(recipe)
+    loaded = replace(loaded, kv_cache=kv_cache) if kv_cache else loaded
+    return export_bundle(ExportJob(model=str(model_dir), out=out, recipe=loaded, formats=("onnx",)),
                          show_progress=False)
 
 
@@ -281,8 +288,9 @@ def cached_bundles(realtext: bool = True) -> tuple[Path, Path | None]:
     return tiny, cached_bundle(ensure_realtext_model(), "realtext-int4", "int4")
 
 
-def write_vectors(out: Path, tiny: Path, realtext: Path | None) -> dict:
-    """Write every vector into ``out`` for the tiny fp32 bundle and (when given) the real-text INT4 bundle."""
+def write_vectors(out: Path, tiny: Path, realtext: Path | None, tiny_kv16: Path | None = None) -> dict:
+    """Write every vector into ``out`` for the tiny fp32 bundle and (when given) the real-text INT4 bundle and
+    the tiny fp32 bundle with an fp16 KV cache."""
     from smoledge.runtime.pipeline import Pipeline
 
     out = out.resolve()
@@ -296,6 +304,10 @@ def write_vectors(out: Path, tiny: Path, realtext: Path | None) -> dict:
     (out / "images.json").write_text(json.dumps(images))
     (out / "resize.json").write_text(json.dumps(resize_vectors(out)))
     (out / "generation.json").write_text(json.dumps(generation_vectors(pipe, gen_images)))
+    if tiny_kv16 is not None:
+        bundles["tiny_fp32_kv16"] = str(tiny_kv16)
+        kv16 = generation_vectors(Pipeline.load(tiny_kv16), gen_images)
+        (out / "generation_kv16.json").write_text(json.dumps(kv16))
     (out / "errors.json").write_text(json.dumps(error_vectors(out, tiny)))
     (out / "bundles.json").write_text(json.dumps({**bundles, "paris_question": PARIS_QUESTION,
                                                   "house": str(REPO / "examples" / "house.png")}))
@@ -313,7 +325,10 @@ def main() -> None:
     args = parser.parse_args()
     tiny = args.tiny or cached_bundles(realtext=False)[0]
     realtext = None if args.no_realtext else args.realtext or cached_bundles()[1]
-    print(json.dumps(write_vectors(args.out, tiny, realtext)))
+    from smoledge.export.demo_models import ensure_tiny_model
+
+    tiny_kv16 = cached_bundle(ensure_tiny_model(), "tiny-fp32-kv16", "fp32", kv_cache="float16")
+    print(json.dumps(write_vectors(args.out, tiny, realtext, tiny_kv16)))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ async function ask(page: Page, base: string, bundle: string, image: string, prom
 test("the browser page answers Paris about examples/house.png (headless Chromium, onnxruntime-web WASM)", { skip: skipReason(), timeout: 420_000 }, async () => {
   const { chromium } = await import("playwright-core");
   const b = readJson<Bundles>("bundles.json");
-  const server = await serve(path.join(PACKAGE, "web"), { realtext: b.realtext_int4!, tiny: b.tiny_fp32 });
+  const server = await serve(path.join(PACKAGE, "web"), { realtext: b.realtext_int4!, tiny: b.tiny_fp32,
+    ...(b.tiny_fp32_kv16 ? { tiny16: b.tiny_fp32_kv16 } : {}) });
   const base = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
   const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: FLAGS });
   try {
@@ -90,6 +91,13 @@ test("the browser page answers Paris about examples/house.png (headless Chromium
     const eosIds = parseManifest(JSON.parse(await readFile(path.join(b.tiny_fp32, "manifest.json"), "utf8")), "tiny").eosTokenIds;
     const eos = v.generated_ids.findIndex((id) => eosIds.includes(id));
     assert.deepEqual(tiny.ids, eos < 0 ? v.generated_ids : v.generated_ids.slice(0, eos + 1));
+    if (b.tiny_fp32_kv16) { // the tiny bundle exported with an fp16 KV cache: Python's ids on that bundle
+      const v16 = readJson<{ images: string[]; prompt: string; generated_ids: number[] }[]>("generation_kv16.json")[1]!;
+      const tiny16 = await ask(page, base, "tiny16", vectorPath(v16.images[0]!), v16.prompt, 32);
+      const eos16 = v16.generated_ids.findIndex((id) => eosIds.includes(id));
+      assert.match(tiny16.status, /^done/, `status: ${tiny16.status}`);
+      assert.deepEqual(tiny16.ids, eos16 < 0 ? v16.generated_ids : v16.generated_ids.slice(0, eos16 + 1));
+    }
     assert.deepEqual(outside, [], "every request went to 127.0.0.1");
   } finally {
     await browser.close();

@@ -1,7 +1,7 @@
 /**
  * The oldest onnxruntime the package supports (package.json's `onnxruntime-node-oldest` alias) loads the
- * bundles and answers as the current one does; the bundle's recorded floor (`runtime.onnxruntime_min`) is
- * not above it.
+ * bundles (the tiny one also with an fp16 KV cache) and answers as the current one does; the bundle's recorded
+ * floor (`runtime.onnxruntime_min`) is not above it.
  */
 
 import assert from "node:assert/strict";
@@ -39,6 +39,17 @@ test("the oldest supported onnxruntime-node runs the tiny and the real-text bund
   for await (const c of tiny.stream({ messages: [{ role: "user", content }], sampling: { maxNewTokens: 32 } })) ids.push(c.tokenId);
   assert.deepEqual(ids, gen.generated_ids);
   await tiny.backend.release();
+  if (b.tiny_fp32_kv16) { // the same bundle exported with an fp16 KV cache: Python's ids on that bundle
+    const gen16 = readJson<{ images: string[]; prompt: string; generated_ids: number[] }[]>("generation_kv16.json")[1]!;
+    const tiny16 = await loadPipeline(b.tiny_fp32_kv16, { ort: oldest });
+    tiny16.eosTokenIds = [];
+    const images16 = await Promise.all(gen16.images.map((f) => loadImage(vectorPath(f))));
+    const content16 = [...images16.map((image) => ({ type: "image" as const, image })), { type: "text" as const, text: gen16.prompt }];
+    const ids16: number[] = [];
+    for await (const c of tiny16.stream({ messages: [{ role: "user", content: content16 }], sampling: { maxNewTokens: 32 } })) ids16.push(c.tokenId);
+    assert.deepEqual(ids16, gen16.generated_ids, "the fp16-cache bundle on the oldest onnxruntime-node");
+    await tiny16.backend.release();
+  }
   if (!b.realtext_int4) return;
   const pipe = await loadPipeline(b.realtext_int4, { ort: oldest });
   const floor = pipe.manifest.onnxruntimeMin;

@@ -32,6 +32,8 @@ export function vectorPath(file: string): string {
 
 export interface Bundles {
   tiny_fp32: string;
+  /** the tiny fp32 bundle exported with an fp16 KV cache */
+  tiny_fp32_kv16?: string;
   realtext_int4?: string;
   paris_question: string;
   house: string;
