@@ -75,6 +75,19 @@ def _expand_rows(report: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def busy_note(report: dict) -> list[str]:
+    """A warning (and a blank line) when the load average while measuring exceeded the subjects' own threads
+    by more than one: other processes shared the CPUs, so speeds and their ratios are not comparable."""
+    during = report["load_average"].get("during")
+    threads = report["settings"]["threads"]
+    if not during or during["mean"] <= threads + 1:
+        return []
+    return [f"> **Busy machine:** the 1-minute load average was {during['mean']:.1f} on average (max "
+            f"{during['max']:.1f}) while measuring, against {threads} threads per subject: other processes "
+            "shared the CPUs, so the speed figures and the ratios between subjects are not comparable. "
+            "Rerun on a quiet machine.", ""]
+
+
 def markdown(report: dict) -> str:
     subjects = report["subjects"]
     settings, m = report["settings"], report["machine"]
@@ -82,6 +95,7 @@ def markdown(report: dict) -> str:
              f"{report['created']} | {m['cpu']} | {settings['threads']} threads | {settings['repeats']} rounds "
              f"(median, ± half the min-max spread) | load average {report['load_average']['before'][0]:.1f} -> "
              f"{report['load_average']['after'][0]:.1f}" + (" | quick" if settings["quick"] else ""), "",
+             *busy_note(report),
              "| figure | " + " | ".join(s["name"] for s in subjects) + " |",
              "|---|" + "---|" * len(subjects)]
     for figure, label, fmt in _expand_rows(report):

@@ -177,6 +177,38 @@ def versions() -> dict:
     return found
 
 
+class LoadSampler:
+    """The 1-minute load average every ``every_s`` while the subjects are measured: the report says when other
+    processes shared the CPUs (a busy machine distorts speed ratios between subjects, not only the figures)."""
+
+    def __init__(self, every_s: float = 5.0):
+        import threading
+
+        self.every_s, self.samples = every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-load", daemon=True)
+
+    def _run(self):
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        return {"mean": round(sum(self.samples) / len(self.samples), 2), "max": round(max(self.samples), 2),
+                "n": len(self.samples), "every_s": self.every_s}
+
+
 def run_bench(settings: BenchSettings) -> dict:
     from smoledge.benchmarks.targets import check_all
 
@@ -188,7 +220,7 @@ def run_bench(settings: BenchSettings) -> dict:
     workload = settings.workload
     inputs = {"cases": {k: vars(c) for k, c in maker.cases(workload, image, split).items()},
               "context_ids": maker.context_ids(max(workload.contexts)), "fidelity_ids": maker.fidelity_ids()}
-    with tempfile.TemporaryDirectory(prefix="smoledge-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="smoledge-bench-") as tmp, LoadSampler() as during:
         samples = measure_rounds(prepared, settings, inputs, Path(tmp))
         do_fidelity = settings.fidelity if settings.fidelity is not None else settings.size == "realtext"
         fid = measure_fidelity(prepared, settings, inputs, Path(tmp)) if do_fidelity else {}
@@ -199,7 +231,7 @@ def run_bench(settings: BenchSettings) -> dict:
         "subjects": [aggregate(s, samples[s.name], fid.get(s.name) if do_fidelity else None)
                      for s in prepared.subjects],
         "skipped": prepared.skipped,
-        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg()), "during": during.summary()},
         "timing": {"prepare_s": round(prepare_s, 1), "total_s": round(time.perf_counter() - started, 1)},
     }
     report["targets"] = check_all(report)

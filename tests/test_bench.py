@@ -78,6 +78,25 @@ def test_report_writes_json_markdown_png(tmp_path):
     text = paths["markdown"].read_text()
     assert "decode tok/s @512" in text and "NOT met" in text and "genai** skipped" in text
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Busy machine" not in text
+
+
+def test_report_says_when_the_machine_was_busy():
+    from smoledge.benchmarks.report import markdown
+    from smoledge.benchmarks.runner import LoadSampler
+    from smoledge.benchmarks.targets import check_all
+
+    with LoadSampler(every_s=0.01) as sampler:
+        while len(sampler.samples) < 3:
+            pass
+    summary = sampler.summary()
+    assert summary["n"] >= 3 and summary["max"] >= summary["mean"] >= 0
+    report = _report("full")
+    report["targets"] = check_all(report)
+    report["load_average"]["during"] = {"mean": 3.0, "max": 3.5, "n": 10, "every_s": 5.0}  # 2 threads: quiet
+    assert "Busy machine" not in markdown(report)
+    report["load_average"]["during"] = {"mean": 5.1, "max": 9.4, "n": 10, "every_s": 5.0}
+    assert "load average was 5.1 on average (max 9.4)" in markdown(report)
 
 
 def test_settings_reject_unknown_peer_and_non_bundle(tmp_path):
