@@ -55,10 +55,18 @@ class CalibrationSpec:
 
 @dataclass
 class CalibrationStats:
-    """Per linear (HF module name): the summed input Gram matrix and the token count behind it."""
+    """Per linear (HF module name): the summed input Gram matrix and the token count behind it.
+
+    ``source``, when known, is the sha256 of everything the Gram matrices are a function of (the text
+    model's parameters, the tokenizer, the calibration text and token count): the quantization cache keys
+    a calibrated result by it instead of by the matrices themselves."""
 
     gram: dict[str, np.ndarray] = field(default_factory=dict)
     tokens: int = 0
+    source: str = ""
+
+    def has(self, name: str) -> bool:
+        return name in self.gram
 
     def hessian(self, name: str) -> np.ndarray | None:
         g = self.gram.get(name)
@@ -100,9 +108,9 @@ def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationSt
             stats.gram[name] = stats.gram[name] + gram if name in stats.gram else gram
         return record
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and (".text_model." in f".{name}" or name == "lm_head"):
-            hooks.append(module.register_forward_pre_hook(hook(name)))
+    modules = dict(model.named_modules())
+    for name in _calibrated_modules(model):
+        hooks.append(modules[name].register_forward_pre_hook(hook(name)))
     try:
         with torch.no_grad():
             for seq in token_ids(spec, tokenizer_file):
@@ -115,11 +123,66 @@ def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationSt
     return stats
 
 
+class DeferredCalibration(CalibrationStats):
+    """Calibration stats whose forward pass runs on the first :meth:`hessian` call: when every calibrated
+    weight is in the quantization cache (keyed by ``source``), the model never reads the text."""
+
+    def __init__(self, source: str, names: set[str], compute):
+        super().__init__({}, 0, source)
+        self._names, self._compute = names, compute
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        self._collect()
+        return super().hessian(name)
+
+    def save(self, path: Path) -> None:
+        self._collect()
+        super().save(path)
+
+    def _collect(self) -> None:
+        if self._compute is not None:
+            stats, self._compute = self._compute(), None
+            self.gram, self.tokens = stats.gram, stats.tokens
+
+
+# bump when collect() changes what it records
+COLLECT_VERSION = 1
+
+
+def _calibrated_modules(model) -> list[str]:
+    import torch
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and (".text_model." in f".{name}" or name == "lm_head")]
+
+
+def source_key(model, spec: CalibrationSpec, tokenizer_file: Path) -> str:
+    """sha256 of what :func:`collect` reads: the text model's parameters (and lm_head's), the tokenizer,
+    the calibration text and its token count."""
+    import torch
+
+    digest = hashlib.sha256(f"collect-v{COLLECT_VERSION} tokens={spec.tokens} seq={SEQUENCE}".encode())
+    digest.update(spec.sha256().encode())
+    digest.update(Path(tokenizer_file).read_bytes())
+    for name, param in model.named_parameters():
+        if ".text_model." in f".{name}" or name.startswith("lm_head."):
+            tensor = param.detach().contiguous()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def collect_for(model, recipe, tokenizer_file: Path) -> CalibrationStats | None:
-    """Calibration activations if any rule of ``recipe`` needs them, else None."""
+    """Calibration activations if any rule of ``recipe`` needs them, else None; the forward pass is
+    deferred until a quantizer asks for a Hessian the quantization cache does not already answer."""
     if recipe.calibration is None or not any(r.scheme.calibrated for r in recipe.rules):
         return None
     if not Path(tokenizer_file).is_file():
         raise ConfigError(f"calibrated quantization needs the tokenizer and {tokenizer_file} is missing",
                           hint="export from a checkpoint folder that has tokenizer.json")
-    return collect(model, recipe.calibration, Path(tokenizer_file))
+    spec, tokenizer = recipe.calibration, Path(tokenizer_file)
+    return DeferredCalibration(source_key(model, spec, tokenizer), set(_calibrated_modules(model)),
+                               lambda: collect(model, spec, tokenizer))
