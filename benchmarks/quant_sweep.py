@@ -38,15 +38,19 @@ def rule(match: str, bits=4, block=32, symmetric=True, algorithm="rtn", **extra)
 
 
 def mixed(name: str, algorithm: str, head_block: int = 64, more_bits=MORE_BITS, symmetric: bool = True,
-          **extra) -> Recipe:
+          v_bits: int = 8, head_symmetric: bool | None = None, **extra) -> Recipe:
     """4-bit symmetric block 64, with v_proj 8-bit, down_proj 8-bit in the ``more_bits`` layers (a layer
     selector, or None for none) and block 32 in the others, lm_head 4-bit at ``head_block``, the embedding
     4-bit symmetric block 64.  ``symmetric=False``: the 4-bit block-64 rules (lm_head and the body) get uint4
     zero points; the 8-bit and block-32 rules stay symmetric (block 32 with zero points could come close
-    to the source's Q4_1 grid)."""
+    to the source's Q4_1 grid).  ``v_bits=4``: v_proj 4-bit block 64 like the body; ``head_symmetric`` overrides lm_head's."""
     body = lambda match, bits=4, block=64, sym=True: rule(match, bits, block, sym, algorithm, **extra)  # noqa: E731
-    more = [{**body("*.mlp.down_proj", 8, 64), "layers": more_bits}] if more_bits else []
-    rules = [rule(EMBED, 4, 64, True), body("lm_head", 4, head_block, symmetric), body("*.self_attn.v_proj", 8, 64),
+    if isinstance(more_bits, tuple):  # explicit layer indices
+        more = [body(f"*.layers.{i}.mlp.down_proj", 8, 64) for i in more_bits]
+    else:
+        more = [{**body("*.mlp.down_proj", 8, 64), "layers": more_bits}] if more_bits else []
+    head_symmetric = symmetric if head_symmetric is None else head_symmetric
+    rules = [rule(EMBED, 4, 64, True), body("lm_head", 4, head_block, head_symmetric), body("*.self_attn.v_proj", v_bits, 64, symmetric or v_bits == 8),
              *more, body("*.mlp.down_proj", 4, 32), body("*", sym=symmetric)]
     return Recipe.from_dict({"name": name, "rules": rules})
 
@@ -67,6 +71,17 @@ def candidates() -> dict[str, Recipe]:
            "mixed gptq act-order: b64, v 8-bit, down 8-bit x14 / b32": mixed("mixed-gptq", "gptq", **act),
            "mixed rtn: b64, v 8-bit, down 8-bit x14 / b32": mixed("mixed-rtn", "rtn"),
            "mixed gptq act-order, uint4 zero points at b64": mixed("mixed-gptq-zp", "gptq", symmetric=False, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b32 zp, v_proj 4-bit": mixed(
+               "mixed-gptq-zp-h32-v4", "gptq", 32, symmetric=False, v_bits=4, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b32 sym, no 8-bit down": mixed(
+               "mixed-gptq-zp-h32", "gptq", 32, None, symmetric=False, head_symmetric=True, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b16 sym, no 8-bit down": mixed(
+               "mixed-gptq-zp-h16", "gptq", 16, None, symmetric=False, head_symmetric=True, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b32 sym, 8-bit down in the first/last eighth": mixed(
+               "mixed-gptq-zp-h32-d7", "gptq", 32, (0, 1, 2, 26, 27, 28, 29), symmetric=False, head_symmetric=True, **act),
+           "int4-mixed": load_recipe("int4-mixed"),
+           "int4-mixed's layout by rtn (what ExecuTorch / Core ML take)": mixed(
+               "mixed-rtn-zp-h32-d7", "rtn", 32, (0, 1, 2, 26, 27, 28, 29), symmetric=False, head_symmetric=True),
            "mixed gptq act-order, lm_head b32, no 8-bit down": mixed("mixed-gptq-h32", "gptq", 32, None, **act),
            "int4-gptq: gptq sym b32, embed sym b32": load_recipe("int4-gptq")}
     g64 = rule("*", 4, 64, True, "gptq")

@@ -96,7 +96,12 @@ def use_more_bits(n_layers: int) -> tuple[int, ...]:
                  if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2)
 
 
-LAYER_SELECTORS = {"use_more_bits": use_more_bits}
+def first_last_eighth(n_layers: int) -> tuple[int, ...]:
+    """The first and last eighth of the layers: ``use_more_bits`` without its every-third middle layers."""
+    return tuple(i for i in range(n_layers) if i < n_layers // 8 or i >= 7 * n_layers // 8)
+
+
+LAYER_SELECTORS = {"use_more_bits": use_more_bits, "first_last_eighth": first_last_eighth}
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 TEXT_LAYER_NAME = re.compile(r"(?:^|\.)text_model\.layers\.(\d+)\.")
 
