@@ -34,9 +34,9 @@ CACHE_ENV = "SMOLEDGE_QUANT_CACHE"  # "0": neither read nor write the cache
 def cache_root() -> Path | None:
     if os.environ.get(CACHE_ENV, "1") == "0":
         return None
-    from smoledge.runtime.cache import cache_dir
+    from smoledge.runtime.cache import cache_path
 
-    return cache_dir() / "quant"
+    return cache_path("quant")
 
 
 def _cache_key(weight: np.ndarray, scheme, stats, name: str) -> str:
