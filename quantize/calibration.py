@@ -9,6 +9,7 @@ diagonal as per-channel importance (llama.cpp's imatrix).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,32 +95,60 @@ def token_ids(spec: CalibrationSpec, tokenizer_file: Path) -> list[list[int]]:
     return [ids[i:i + SEQUENCE] for i in range(0, len(ids), SEQUENCE)]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One torch intra-op thread for the calibration work: on a loaded two-core box two threads measured
+    1.8x slower than one for the calibration forward and 2-7x for the grid search / GPTQ steps (threads
+    waiting on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationStats:
     """Run the fp32 text decoder (+ lm_head) of an HF SmolVLM model over the calibration text."""
     import torch
 
     stats = CalibrationStats()
     hooks = []
+    sums: dict[str, torch.Tensor] = {}  # first reader of an input -> its summed Gram (float64)
+    alias: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: they share the first reader's Gram
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this forward's inputs (held, so no address is reused)
 
     def hook(name):
         def record(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            gram = (x.T @ x).numpy()
-            stats.gram[name] = stats.gram[name] + gram if name in stats.gram else gram
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key in seen:
+                alias[name] = seen[key][0]
+                return
+            seen[key] = (name, x)
+            flat = x.reshape(-1, x.shape[-1]).float()
+            gram = (flat.T @ flat).double()  # fp32 products, summed in fp64 across sequences
+            sums[name] = sums[name] + gram if name in sums else gram
         return record
 
     modules = dict(model.named_modules())
-    for name in _calibrated_modules(model):
+    names = _calibrated_modules(model)
+    for name in names:
         hooks.append(modules[name].register_forward_pre_hook(hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             for seq in token_ids(spec, tokenizer_file):
                 ids = torch.tensor([seq])
                 model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                seen.clear()
                 stats.tokens += len(seq)
     finally:
         for h in hooks:
             h.remove()
+    arrays = {name: g.numpy() for name, g in sums.items()}
+    stats.gram = {name: arrays[alias.get(name, name)] for name in names if alias.get(name, name) in arrays}
     return stats
 
 
@@ -149,7 +178,7 @@ class DeferredCalibration(CalibrationStats):
 
 
 # bump when collect() changes what it records
-COLLECT_VERSION = 1
+COLLECT_VERSION = 2
 
 
 def _calibrated_modules(model) -> list[str]:

@@ -8,7 +8,6 @@ checkpoint with the same recipe reads it back instead of searching and compensat
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ from onnx import numpy_helper
 from smoledge.errors import ConfigError
 from smoledge.quantize.algorithms.gptq import gptq
 from smoledge.quantize.algorithms.grid import Grid, matmul_nbits_node, search_grid, to_blocks
+from smoledge.quantize.calibration import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +75,13 @@ def _store(path: Path, q: np.ndarray, grid: Grid) -> None:
         log.debug("quantization cache not written: %s", err)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """The search and GPTQ's per-channel steps are many small torch ops: on a loaded two-core box one
-    intra-op thread measured 2-7x faster than two (threads waiting on each other), so they take one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def quantize_weight_cached(weight: np.ndarray, scheme, stats, name: str) -> tuple[np.ndarray, Grid]:
     """:func:`quantize_weight` with layer ``name``'s Hessian, read from / written to the quantization cache."""
     root = cache_root()
     path = None if root is None else root / f"{_cache_key(weight, scheme, stats, name)}.npz"
     if path is not None and path.is_file() and (hit := _load_cached(path, scheme)) is not None:
         return hit
-    with _one_thread():
+    with one_thread():
         q, grid = quantize_weight(weight, scheme, stats.hessian(name))
     if path is not None:
         _store(path, q, grid)
