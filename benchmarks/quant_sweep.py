@@ -29,8 +29,7 @@ GRAPHS = ("embed_tokens", "decoder_model_merged")
 EMBED = "model.text_model.embed_tokens"
 
 
-# llama.cpp's use_more_bits (llama-quant.cpp) for 30 layers: the first and last eighth, every third between
-MORE_BITS = tuple(i for i in range(30) if i < 30 // 8 or i >= 7 * 30 // 8 or (i - 30 // 8) % 3 == 2)
+MORE_BITS = "use_more_bits"  # llama.cpp's layer selector (quantize/recipe.py), resolved at quantization
 
 
 def rule(match: str, bits=4, block=32, symmetric=True, algorithm="rtn", **extra) -> dict:
@@ -38,13 +37,21 @@ def rule(match: str, bits=4, block=32, symmetric=True, algorithm="rtn", **extra)
                                        "algorithm": algorithm, **extra}}
 
 
-def mixed(name: str, algorithm: str, head_block: int = 64, more_bits=MORE_BITS, **extra) -> Recipe:
-    """4-bit symmetric block 64, with v_proj 8-bit, down_proj 8-bit in ``more_bits`` layers and block 32
-    in the others, lm_head 4-bit at ``head_block``, the embedding 4-bit symmetric block 64."""
-    body = lambda match, bits=4, block=64: rule(match, bits, block, True, algorithm, **extra)  # noqa: E731
-    rules = [rule(EMBED, 4, 64, True), body("lm_head", 4, head_block), body("*.self_attn.v_proj", 8, 64),
-             *(body(f"*.layers.{i}.mlp.down_proj", 8, 64) for i in more_bits), body("*.mlp.down_proj", 4, 32),
-             body("*")]
+def mixed(name: str, algorithm: str, head_block: int = 64, more_bits=MORE_BITS, symmetric: bool = True,
+          v_bits: int = 8, head_symmetric: bool | None = None, **extra) -> Recipe:
+    """4-bit symmetric block 64, with v_proj 8-bit, down_proj 8-bit in the ``more_bits`` layers (a layer
+    selector, or None for none) and block 32 in the others, lm_head 4-bit at ``head_block``, the embedding
+    4-bit symmetric block 64.  ``symmetric=False``: the 4-bit block-64 rules (lm_head and the body) get uint4
+    zero points; the 8-bit and block-32 rules stay symmetric (block 32 with zero points could come close
+    to the source's Q4_1 grid).  ``v_bits=4``: v_proj 4-bit block 64 like the body; ``head_symmetric`` overrides lm_head's."""
+    body = lambda match, bits=4, block=64, sym=True: rule(match, bits, block, sym, algorithm, **extra)  # noqa: E731
+    if isinstance(more_bits, tuple):  # explicit layer indices
+        more = [body(f"*.layers.{i}.mlp.down_proj", 8, 64) for i in more_bits]
+    else:
+        more = [{**body("*.mlp.down_proj", 8, 64), "layers": more_bits}] if more_bits else []
+    head_symmetric = symmetric if head_symmetric is None else head_symmetric
+    rules = [rule(EMBED, 4, 64, True), body("lm_head", 4, head_block, head_symmetric), body("*.self_attn.v_proj", v_bits, 64, symmetric or v_bits == 8),
+             *more, body("*.mlp.down_proj", 4, 32), body("*", sym=symmetric)]
     return Recipe.from_dict({"name": name, "rules": rules})
 
 
@@ -63,7 +70,19 @@ def candidates() -> dict[str, Recipe]:
                                                               embed=rule(EMBED, 4, 32, True)),
            "mixed gptq act-order: b64, v 8-bit, down 8-bit x14 / b32": mixed("mixed-gptq", "gptq", **act),
            "mixed rtn: b64, v 8-bit, down 8-bit x14 / b32": mixed("mixed-rtn", "rtn"),
-           "mixed gptq act-order, lm_head b32, no 8-bit down": mixed("mixed-gptq-h32", "gptq", 32, (), **act),
+           "mixed gptq act-order, uint4 zero points at b64": mixed("mixed-gptq-zp", "gptq", symmetric=False, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b32 zp, v_proj 4-bit": mixed(
+               "mixed-gptq-zp-h32-v4", "gptq", 32, symmetric=False, v_bits=4, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b32 sym, no 8-bit down": mixed(
+               "mixed-gptq-zp-h32", "gptq", 32, None, symmetric=False, head_symmetric=True, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b16 sym, no 8-bit down": mixed(
+               "mixed-gptq-zp-h16", "gptq", 16, None, symmetric=False, head_symmetric=True, **act),
+           "mixed gptq act-order, uint4 zp b64, lm_head b32 sym, 8-bit down in the first/last eighth": mixed(
+               "mixed-gptq-zp-h32-d7", "gptq", 32, (0, 1, 2, 26, 27, 28, 29), symmetric=False, head_symmetric=True, **act),
+           "int4-mixed": load_recipe("int4-mixed"),
+           "int4-mixed's layout by rtn (what ExecuTorch / Core ML take)": mixed(
+               "mixed-rtn-zp-h32-d7", "rtn", 32, (0, 1, 2, 26, 27, 28, 29), symmetric=False, head_symmetric=True),
+           "mixed gptq act-order, lm_head b32, no 8-bit down": mixed("mixed-gptq-h32", "gptq", 32, None, **act),
            "int4-gptq: gptq sym b32, embed sym b32": load_recipe("int4-gptq")}
     g64 = rule("*", 4, 64, True, "gptq")
     out["gptq sym b64, v/down gptq b32, embed sym b64"] = candidate(
@@ -109,11 +128,17 @@ class Workspace:
         if not path.exists():
             from smoledge.export.onnx_export import EXPORTERS, OnnxExportConfig, name_weight_nodes, save
 
-            program, _ = EXPORTERS[name](self.model, OnnxExportConfig())
+            program, spec = EXPORTERS[name](self.model, OnnxExportConfig())
             name_weight_nodes(program, name)
             path.parent.mkdir(exist_ok=True)
             save(program, path)
+            path.with_suffix(".fused").write_text("1" if spec.fused else "0")
         return path
+
+    def fused(self, name: str) -> bool:
+        """Whether the exporter built the graph already fused (the GroupQueryAttention decoder)."""
+        flag = self.raw_graph(name).with_suffix(".fused")
+        return flag.exists() and flag.read_text() == "1"
 
     def calibration(self, recipe: Recipe):
         from smoledge.quantize.calibration import CalibrationStats, collect_for
@@ -144,7 +169,7 @@ class Workspace:
             q = out / f"{name}.q.onnx"
             onnx.save(proto, str(q), save_as_external_data=True, location=f"{name}.q.onnx.data")
             program = ir.load(str(q))
-            fuse_for_onnxruntime(program, "cpu")
+            fuse_for_onnxruntime(program, None if self.fused(name) else "cpu")
             paths[name] = save(program, out / f"{name}.onnx")[0]
             reports[name] = report.to_dict()
         return paths, reports
@@ -156,32 +181,41 @@ def _sessions(paths: dict[str, Path]):
     return {name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for name, p in paths.items()}
 
 
-def _past(decoder, length: int) -> dict:
-    feeds = {}
-    for inp in decoder.get_inputs():
-        if inp.name.startswith("past_key_values."):
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _feeds(decoder, embeds: np.ndarray, past_length: int) -> dict:
+    """Decoder inputs for ``embeds`` after ``past_length`` cached (zero) positions, in either decoder
+    layout: a traced one (past of the cached length, ``position_ids``) or the built GroupQueryAttention one
+    (one preallocated KV buffer per layer of at least the total length, ``logits_to_keep``)."""
+    total = past_length + embeds.shape[1]
+    names = {inp.name: inp for inp in decoder.get_inputs()}
+    shared = "logits_to_keep" in names
+    feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64)}
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(past_length, total, dtype=np.int64)[None]
+    if shared:
+        feed["logits_to_keep"] = np.asarray([embeds.shape[1]], np.int64)
+    for name, inp in names.items():
+        if name.startswith("past_key_values."):
             _, heads, _, dim = inp.shape
-            feeds[inp.name] = np.zeros((1, heads, length, dim), np.float32)
-    return feeds
+            feed[name] = np.zeros((1, heads, total if shared else past_length, dim), _NP_TYPES.get(inp.type, np.float32))
+    return feed
 
 
 def logits(sessions, ids: list[int]) -> np.ndarray:
     emb = sessions["embed_tokens"].run(None, {"input_ids": np.asarray([ids], np.int64)})[0]
     dec = sessions["decoder_model_merged"]
-    feed = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64),
-            "position_ids": np.arange(len(ids), dtype=np.int64)[None], **_past(dec, 0)}
-    return dec.run(["logits"], feed)[0][0]
+    return dec.run(["logits"], _feeds(dec, emb, 0))[0][0]
 
 
 def decode_ms(sessions, context: int = 128, steps: int = 24) -> float:
     dec = sessions["decoder_model_merged"]
     hidden = dec.get_inputs()[0].shape[-1]
     emb = np.random.default_rng(0).normal(0, 0.02, (1, 1, hidden)).astype(np.float32)
-    past = _past(dec, context)
+    feed = _feeds(dec, emb, context)
     times = []
     for i in range(steps):
-        feed = {"inputs_embeds": emb, "attention_mask": np.ones((1, context + 1), np.int64),
-                "position_ids": np.asarray([[context]], np.int64), **past}
         start = time.perf_counter()
         dec.run(["logits"], feed)
         times.append(time.perf_counter() - start)
@@ -189,22 +223,37 @@ def decode_ms(sessions, context: int = 128, steps: int = 24) -> float:
     return 1000 * float(np.median(times))
 
 
-def score(ws: Workspace, sessions, max_tokens: int) -> dict:
+def scored_ids(ws: Workspace, max_tokens: int) -> dict[str, list[int]]:
+    """The token ids every candidate (ours and llama.cpp's) is scored on, per scored text."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ws.tokenizer))
+    return {p.name: tok.encode(p.read_text()).ids[:max_tokens] for p in SCORED_TEXTS}
+
+
+def reference_logits(ws: Workspace, max_tokens: int):
+    """The fp32 graphs' logits on :func:`scored_ids` (cached)."""
     ref_path = ws.work / f"reference-{max_tokens}.npz"
     if not ref_path.exists():
         ref = _sessions({n: ws.raw_graph(n) for n in GRAPHS})
-        np.savez(ref_path, **{p.name: logits(ref, tok.encode(p.read_text()).ids[:max_tokens]) for p in SCORED_TEXTS})
-    refs = np.load(ref_path)
+        np.savez(ref_path, **{name: logits(ref, ids) for name, ids in scored_ids(ws, max_tokens).items()})
+    return np.load(ref_path)
+
+
+def pooled_score(refs, candidate_logits: dict) -> dict:
+    """KL / top-1 per text and pooled over every position; ``candidate_logits``: text name -> [T, vocab]."""
     per_text = {}
-    for p in SCORED_TEXTS:
-        f = compare_logits(refs[p.name], logits(sessions, tok.encode(p.read_text()).ids[:max_tokens]))
-        per_text[p.name] = {"kl": round(f.kl_mean, 4), "top1": round(f.top1_agreement, 4), "positions": f.positions}
+    for name, got in candidate_logits.items():
+        f = compare_logits(refs[name], got)
+        per_text[name] = {"kl": round(f.kl_mean, 4), "top1": round(f.top1_agreement, 4), "positions": f.positions}
     total = sum(t["positions"] for t in per_text.values())
     pooled = {k: round(sum(t[k] * t["positions"] for t in per_text.values()) / total, 4) for k in ("kl", "top1")}
     return {**pooled, "texts": per_text}
+
+
+def score(ws: Workspace, sessions, max_tokens: int) -> dict:
+    refs = reference_logits(ws, max_tokens)
+    return pooled_score(refs, {name: logits(sessions, ids) for name, ids in scored_ids(ws, max_tokens).items()})
 
 
 def run_one(ws: Workspace, label: str, recipe: Recipe, max_tokens: int) -> dict:

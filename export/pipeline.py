@@ -75,10 +75,12 @@ def _export(job: ExportJob, bar: Progress) -> Path:
     base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None, cloud)
     with BundleStaging(job.out, checkpoint.file_hashes) as staging:
         artifacts = dict(staging.previous.artifacts) if staging.previous else {}
+        # layer selectors (llama.cpp's use_more_bits) resolved once, so the manifest says which layers
+        recipe = job.recipe.for_layers(model.config.text_config.num_hidden_layers)
         processor.tokenizer.backend_tokenizer.save(str(staging.path(base.tokenizer.file)))
         for fmt, module in modules.items():
             options = job.target_options.get(fmt) or module.default_options()
-            artifacts[fmt] = _run_target(module, model, staging, job.recipe, options, bar)
+            artifacts[fmt] = _run_target(module, model, staging, recipe, options, bar)
         memory = dataclasses.replace(base.memory, weight_bytes=max(a.weight_bytes for a in artifacts.values()))
         manifest = dataclasses.replace(base, memory=memory, artifacts=artifacts)
         if job.measure_memory:

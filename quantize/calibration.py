@@ -9,6 +9,7 @@ diagonal as per-channel importance (llama.cpp's imatrix).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,18 @@ class CalibrationSpec:
 
 @dataclass
 class CalibrationStats:
-    """Per linear (HF module name): the summed input Gram matrix and the token count behind it."""
+    """Per linear (HF module name): the summed input Gram matrix and the token count behind it.
+
+    ``source``, when known, is the sha256 of everything the Gram matrices are a function of (the text
+    model's parameters, the tokenizer, the calibration text and token count): the quantization cache keys
+    a calibrated result by it instead of by the matrices themselves."""
 
     gram: dict[str, np.ndarray] = field(default_factory=dict)
     tokens: int = 0
+    source: str = ""
+
+    def has(self, name: str) -> bool:
+        return name in self.gram
 
     def hessian(self, name: str) -> np.ndarray | None:
         g = self.gram.get(name)
@@ -86,40 +95,123 @@ def token_ids(spec: CalibrationSpec, tokenizer_file: Path) -> list[list[int]]:
     return [ids[i:i + SEQUENCE] for i in range(0, len(ids), SEQUENCE)]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One torch intra-op thread for the calibration work: on a loaded two-core box two threads measured
+    1.8x slower than one for the calibration forward and 2-7x for the grid search / GPTQ steps (threads
+    waiting on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationStats:
     """Run the fp32 text decoder (+ lm_head) of an HF SmolVLM model over the calibration text."""
     import torch
 
     stats = CalibrationStats()
     hooks = []
+    sums: dict[str, torch.Tensor] = {}  # first reader of an input -> its summed Gram (float64)
+    alias: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: they share the first reader's Gram
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this forward's inputs (held, so no address is reused)
 
     def hook(name):
         def record(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            gram = (x.T @ x).numpy()
-            stats.gram[name] = stats.gram[name] + gram if name in stats.gram else gram
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key in seen:
+                alias[name] = seen[key][0]
+                return
+            seen[key] = (name, x)
+            flat = x.reshape(-1, x.shape[-1]).float()
+            gram = (flat.T @ flat).double()  # fp32 products, summed in fp64 across sequences
+            sums[name] = sums[name] + gram if name in sums else gram
         return record
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and (".text_model." in f".{name}" or name == "lm_head"):
-            hooks.append(module.register_forward_pre_hook(hook(name)))
+    modules = dict(model.named_modules())
+    names = _calibrated_modules(model)
+    for name in names:
+        hooks.append(modules[name].register_forward_pre_hook(hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             for seq in token_ids(spec, tokenizer_file):
                 ids = torch.tensor([seq])
                 model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                seen.clear()
                 stats.tokens += len(seq)
     finally:
         for h in hooks:
             h.remove()
+    arrays = {name: g.numpy() for name, g in sums.items()}
+    stats.gram = {name: arrays[alias.get(name, name)] for name in names if alias.get(name, name) in arrays}
     return stats
 
 
+class DeferredCalibration(CalibrationStats):
+    """Calibration stats whose forward pass runs on the first :meth:`hessian` call: when every calibrated
+    weight is in the quantization cache (keyed by ``source``), the model never reads the text."""
+
+    def __init__(self, source: str, names: set[str], compute):
+        super().__init__({}, 0, source)
+        self._names, self._compute = names, compute
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        self._collect()
+        return super().hessian(name)
+
+    def save(self, path: Path) -> None:
+        self._collect()
+        super().save(path)
+
+    def _collect(self) -> None:
+        if self._compute is not None:
+            stats, self._compute = self._compute(), None
+            self.gram, self.tokens = stats.gram, stats.tokens
+
+
+# bump when collect() changes what it records
+COLLECT_VERSION = 2
+
+
+def _calibrated_modules(model) -> list[str]:
+    import torch
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and (".text_model." in f".{name}" or name == "lm_head")]
+
+
+def source_key(model, spec: CalibrationSpec, tokenizer_file: Path) -> str:
+    """sha256 of what :func:`collect` reads: the text model's parameters (and lm_head's), the tokenizer,
+    the calibration text and its token count."""
+    import torch
+
+    digest = hashlib.sha256(f"collect-v{COLLECT_VERSION} tokens={spec.tokens} seq={SEQUENCE}".encode())
+    digest.update(spec.sha256().encode())
+    digest.update(Path(tokenizer_file).read_bytes())
+    for name, param in model.named_parameters():
+        if ".text_model." in f".{name}" or name.startswith("lm_head."):
+            tensor = param.detach().contiguous()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def collect_for(model, recipe, tokenizer_file: Path) -> CalibrationStats | None:
-    """Calibration activations if any rule of ``recipe`` needs them, else None."""
+    """Calibration activations if any rule of ``recipe`` needs them, else None; the forward pass is
+    deferred until a quantizer asks for a Hessian the quantization cache does not already answer."""
     if recipe.calibration is None or not any(r.scheme.calibrated for r in recipe.rules):
         return None
     if not Path(tokenizer_file).is_file():
         raise ConfigError(f"calibrated quantization needs the tokenizer and {tokenizer_file} is missing",
                           hint="export from a checkpoint folder that has tokenizer.json")
-    return collect(model, recipe.calibration, Path(tokenizer_file))
+    spec, tokenizer = recipe.calibration, Path(tokenizer_file)
+    return DeferredCalibration(source_key(model, spec, tokenizer), set(_calibrated_modules(model)),
+                               lambda: collect(model, spec, tokenizer))

@@ -69,6 +69,7 @@ def optimization_config(recipe: Recipe, names: dict[str, str], method: str):
     if method not in METHODS:
         raise ConfigError(f"unknown Core ML compression {method!r}; use one of {', '.join(METHODS)}")
     configs = {}
+    recipe = recipe.for_weights(names.values())
     for const, hf_name in names.items():
         scheme = recipe.scheme_for(hf_name)
         if scheme is not None:
@@ -92,6 +93,7 @@ def weight_report(program, expected: dict[str, str], recipe: Recipe, method: str
     axes its block does not divide; that weight is reported as float16, with a warning)."""
     counts: dict[str, int] = defaultdict(int)
     weights = stored = 0
+    recipe = recipe.for_weights(expected.values())
     for op in program.functions["main"].operations:
         slot = WEIGHT_OPS.get(op.op_type)
         var = getattr(op, slot, None) if slot else None

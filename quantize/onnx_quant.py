@@ -54,6 +54,7 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe, calibration: Calibrat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     nodes = _weight_nodes(model)
+    recipe = recipe.for_weights(nodes)
     weights = sum(_numel(model, n) for n in nodes.values())
     groups: dict[Scheme, list[str]] = defaultdict(list)
     for name in nodes:

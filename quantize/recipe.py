@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -88,13 +89,68 @@ class Scheme:
         return f"int{self.bits}-{kind}-b{self.block_size}-{self.algorithm}"
 
 
+def use_more_bits(n_layers: int) -> tuple[int, ...]:
+    """llama.cpp's ``use_more_bits`` (src/llama-quant.cpp): the first and last eighth of the layers and
+    every third one between - where Q4_K_M gives ``attn_v`` / ``ffn_down`` more bits."""
+    return tuple(i for i in range(n_layers)
+                 if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2)
+
+
+def first_last_eighth(n_layers: int) -> tuple[int, ...]:
+    """The first and last eighth of the layers: ``use_more_bits`` without its every-third middle layers."""
+    return tuple(i for i in range(n_layers) if i < n_layers // 8 or i >= 7 * n_layers // 8)
+
+
+LAYER_SELECTORS = {"use_more_bits": use_more_bits, "first_last_eighth": first_last_eighth}
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+TEXT_LAYER_NAME = re.compile(r"(?:^|\.)text_model\.layers\.(\d+)\.")
+
+
 @dataclass(frozen=True)
 class Rule:
+    """``match``: an fnmatch pattern over HF weight names.  ``layers`` optionally narrows it to the decoder
+    layers a selector picks (one of :data:`LAYER_SELECTORS`), resolved against the model's layer count
+    (:meth:`Recipe.for_layers`, which every quantizer applies) into ``layer_indices``."""
+
     match: str
     scheme: Scheme
+    layers: str | None = None
+    layer_indices: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.layers is not None and self.layers not in LAYER_SELECTORS:
+            raise ConfigError(f"unknown layer selector {self.layers!r}",
+                              hint=f"use one of {', '.join(LAYER_SELECTORS)} or list the layers in match patterns")
 
     def matches(self, weight_name: str) -> bool:
-        return fnmatch.fnmatchcase(weight_name, self.match)
+        if not fnmatch.fnmatchcase(weight_name, self.match):
+            return False
+        if self.layers is None:
+            return True
+        if self.layer_indices is None:
+            raise ConfigError(f"rule {self.match!r} selects layers by {self.layers!r} and was not resolved",
+                              hint="call Recipe.for_layers(n_layers) (or for_weights) before scheme_for")
+        index = _LAYER_INDEX.search(weight_name)
+        return index is not None and int(index.group(1)) in self.layer_indices
+
+    def for_layers(self, n_layers: int) -> "Rule":
+        if self.layers is None:
+            return self
+        return replace(self, layer_indices=LAYER_SELECTORS[self.layers](n_layers))
+
+    def to_dict(self) -> dict:
+        data = {"match": self.match}
+        if self.layers is not None:
+            data["layers"] = self.layers
+            if self.layer_indices is not None:
+                data["layer_indices"] = list(self.layer_indices)
+        return {**data, "scheme": {**asdict(self.scheme), "zero_points": self.scheme.zero_points}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Rule":
+        indices = data.get("layer_indices")
+        return cls(data["match"], Scheme(**_scheme_fields(data.get("scheme", {}))), data.get("layers"),
+                   None if indices is None else tuple(int(i) for i in indices))
 
 
 @dataclass(frozen=True)
@@ -121,8 +177,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "description": self.description, "notes": dict(self.notes),
-                "rules": [{"match": r.match, "scheme": {**asdict(r.scheme), "zero_points": r.scheme.zero_points}}
-                          for r in self.rules], "kv_cache": self.kv_cache}
+                "rules": [r.to_dict() for r in self.rules], "kv_cache": self.kv_cache}
         if self.calibration is not None:
             data["calibration"] = self.calibration.to_dict()
         return data
@@ -130,7 +185,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         try:
-            rules = tuple(Rule(r["match"], Scheme(**_scheme_fields(r.get("scheme", {})))) for r in data["rules"])
+            rules = tuple(Rule.from_dict(r) for r in data["rules"])
             return cls(name=data["name"], rules=rules, description=data.get("description", ""),
                        notes=data.get("notes", {}), calibration=CalibrationSpec.from_dict(data.get("calibration")),
                        kv_cache=data.get("kv_cache", "float32"))
@@ -142,6 +197,18 @@ class Recipe:
         """The same recipe with ``rules`` tried before its own (e.g. a --vision-precision override)."""
         return Recipe(f"{self.name}+{suffix}", tuple(rules) + self.rules, self.description, dict(self.notes),
                       self.calibration, self.kv_cache)
+
+    def for_layers(self, n_layers: int) -> "Recipe":
+        """Every rule's layer selector resolved against a decoder of ``n_layers`` layers."""
+        return replace(self, rules=tuple(r.for_layers(n_layers) for r in self.rules))
+
+    def for_weights(self, weight_names) -> "Recipe":
+        """:meth:`for_layers` with the layer count read off the text decoder's weight names (one more than
+        the highest ``text_model.layers.N``); unchanged when no rule has a selector or no name has a layer."""
+        if all(r.layers is None or r.layer_indices is not None for r in self.rules):
+            return self
+        found = [int(m.group(1)) for n in weight_names if (m := TEXT_LAYER_NAME.search(n))]
+        return self.for_layers(max(found) + 1) if found else self
 
     @property
     def is_float(self) -> bool:

@@ -152,6 +152,7 @@ def torch_recipe(recipe: Recipe, model) -> TorchRecipe:
     from torch import nn
 
     assignments, floats = [], []
+    recipe = recipe.for_weights(name for name, _ in model.named_modules())
     for name, module in model.named_modules():
         kind = "linear" if isinstance(module, nn.Linear) else "embedding" if isinstance(module, nn.Embedding) else None
         if kind is None:

@@ -31,6 +31,8 @@ CACHE_ENTRIES: tuple[CacheEntry, ...] = (
     CacheEntry("verified", "verify stamps", "sizes and mtimes of bundle files already hashed (re-made on the next "
                "run)"),
     CacheEntry("calibration", "calibration", "`smoledge doctor --calibrate` records, per bundle, backend and device"),
+    CacheEntry("quant", "quantization", "calibrated quantization results (GPTQ / importance grids) per weight group, "
+               "keyed by weights, scheme and calibration, reused by the next export"),
     CacheEntry("memory", "memory", "peak-memory measurements of export, reused when the same bundle is exported "
                "again"),
     CacheEntry("bench", "bench", "benchmark models and bundles (`smoledge bench`, make bench-full)"),

@@ -117,10 +117,11 @@ def test_bad_schemes_are_config_errors(scheme, message):
 
 
 def test_int4_mixed_fits_five_bits_per_weight_on_smollm2_shapes():
-    """The recipe's layout, by the bundle's own arithmetic (fp32 scales, no zero points, blocks padded to
-    whole blocks), on SmolLM2-135M's text weights (lm_head counted as its own matrix): <= 5.0 bits."""
-    recipe = load_recipe("int4-mixed")
+    """The recipe's layout, by the bundle's own arithmetic (fp32 scales, 4 bits per uint4 zero point, blocks
+    padded to whole blocks), on SmolLM2-135M's text weights (lm_head counted as its own matrix): <= 5.0
+    bits, and no zero points on a block-32 rule (they could near the source GGUF's Q4_1 grid)."""
     hidden, mlp, kv, vocab, layers = 576, 1536, 192, 49216, 30
+    recipe = load_recipe("int4-mixed").for_layers(layers)
     shapes = {"model.text_model.embed_tokens": (vocab, hidden), "lm_head": (vocab, hidden)}
     for i in range(layers):
         for proj, (n, k) in {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
@@ -131,11 +132,72 @@ def test_int4_mixed_fits_five_bits_per_weight_on_smollm2_shapes():
     bits = weights = 0
     for name, (n, k) in shapes.items():
         scheme = recipe.scheme_for(name)
-        assert scheme is not None and scheme.zero_points == "none", name
+        assert scheme is not None and scheme.zero_points in ("none", "uint4"), name
+        assert scheme.zero_points == "none" or scheme.block_size > 32, name
         blocks = -(-k // scheme.block_size)
-        bits += n * blocks * (scheme.block_size * scheme.bits + 32)
+        bits += n * blocks * (scheme.block_size * scheme.bits + 32 + (4 if scheme.zero_points == "uint4" else 0))
         weights += n * k
     assert recipe.scheme_for("model.text_model.layers.29.mlp.down_proj").bits == 8
-    assert recipe.scheme_for("model.text_model.layers.3.mlp.down_proj").block_size == 32
+    assert recipe.scheme_for("model.text_model.layers.5.mlp.down_proj").block_size == 32
+    assert recipe.scheme_for("model.text_model.layers.5.mlp.up_proj").zero_points == "uint4"
     assert 4.9 < bits / weights <= 5.0
     assert recipe.calibration is not None
+
+
+def test_use_more_bits_follows_the_layer_count():
+    """llama.cpp's use_more_bits as a layer selector: resolved against 30 layers (SmolLM2-135M) and 24 (the
+    2.2B), the manifest form carries the resolved layers and loads back, and an unresolved selector refuses
+    to answer rather than silently matching nothing."""
+    from smoledge.quantize.recipe import first_last_eighth, use_more_bits
+
+    assert use_more_bits(30) == (0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29)
+    assert use_more_bits(24) == (0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23)
+    assert first_last_eighth(30) == (0, 1, 2, 26, 27, 28, 29) and first_last_eighth(24) == (0, 1, 2, 21, 22, 23)
+    recipe = load_recipe("int4-mixed")
+    for layers in (30, 24):
+        resolved = recipe.for_layers(layers)
+        eight = [i for i in range(layers) if resolved.scheme_for(f"model.text_model.layers.{i}.mlp.down_proj").bits == 8]
+        assert tuple(eight) == first_last_eighth(layers)
+        assert Recipe.from_dict(resolved.to_dict()).to_dict() == resolved.to_dict()
+    names = [f"model.text_model.layers.{i}.mlp.down_proj" for i in range(24)]
+    assert recipe.for_weights(names).to_dict() == recipe.for_layers(24).to_dict()
+    with pytest.raises(ConfigError, match="not resolved"):
+        recipe.scheme_for("model.text_model.layers.0.mlp.down_proj")
+    with pytest.raises(ConfigError, match="unknown layer selector"):
+        Recipe.from_dict({"name": "bad", "rules": [{"match": "*", "layers": "every_other", "scheme": {}}]})
+
+
+def test_calibrated_results_are_cached_by_weights_scheme_and_calibration(tmp_path, monkeypatch):
+    """A second quantization of the same weights with the same scheme and calibration reads the cache and
+    does not compute (nor collect calibration activations); another scheme or other weights do not hit."""
+    from smoledge.quantize.algorithms import calibrated
+    from smoledge.quantize.calibration import DeferredCalibration
+    from smoledge.quantize.recipe import Scheme
+
+    monkeypatch.setenv("SMOLEDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(calibrated.CACHE_ENV, raising=False)
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(128, 48)).astype(np.float32)
+    x = _correlated(rng, 512, 128)
+    runs = []
+
+    def stats():
+        def compute():
+            runs.append(1)
+            from smoledge.quantize.calibration import CalibrationStats
+            return CalibrationStats({"lin": x.T.astype(np.float64) @ x}, len(x))
+        return DeferredCalibration("source-a", {"lin"}, compute)
+
+    scheme = Scheme(bits=4, block_size=64, symmetric=True, algorithm="gptq", act_order=True)
+    q1, grid1 = calibrated.quantize_weight_cached(weight, scheme, stats(), "lin")
+    assert runs == [1] and len(list(tmp_path.glob("quant/*.npz"))) == 1
+    q2, grid2 = calibrated.quantize_weight_cached(weight, scheme, stats(), "lin")
+    assert runs == [1]  # read back: no forward pass, no GPTQ
+    assert np.array_equal(q1, q2) and np.array_equal(grid1.scale, grid2.scale) and np.array_equal(grid1.zero, grid2.zero)
+    calibrated.quantize_weight_cached(weight, Scheme(bits=4, block_size=32, symmetric=True, algorithm="gptq"),
+                                      stats(), "lin")
+    calibrated.quantize_weight_cached(weight + 1e-3, scheme, stats(), "lin")
+    assert runs == [1, 1, 1] and len(list(tmp_path.glob("quant/*.npz"))) == 3
+    monkeypatch.setenv(calibrated.CACHE_ENV, "0")
+    calibrated.quantize_weight_cached(weight, scheme, stats(), "lin")
+    assert len(runs) == 4  # the switch turns the cache off

@@ -8,6 +8,10 @@ channels that matter most are rounded while the most columns are left to absorb 
 stays the one of each column's own block, so the integers still lie exactly on it and pack straight
 into ``MatMulNBits`` (onnxruntime's own GPTQ re-derives min/max grids after compensation instead, see
 docs/quantization.md).
+
+torch, on the transposed weight ``W[K, N]`` so each input channel is one contiguous row: the per-channel
+step is a handful of vector ops over N outputs, and the error of each lazy batch reaches the remaining
+channels through one matrix product.
 """
 
 from __future__ import annotations
@@ -16,46 +20,52 @@ import numpy as np
 
 from smoledge.quantize.algorithms.grid import Grid
 
-_COLUMNS_PER_STEP = 32
+_COLUMNS_PER_STEP = 64
 
 
-def _inverse_cholesky(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """(upper Cholesky factor of the damped inverse Hessian, mask of channels never excited)."""
-    hess = gram.astype(np.float64).copy()
-    dead = np.diag(hess) == 0
+def _inverse_cholesky(gram: np.ndarray, damp: float):
+    """(upper Cholesky factor of the damped inverse Hessian as float32 torch, mask of channels never excited)."""
+    import torch
+
+    hess = torch.from_numpy(gram.astype(np.float64))
+    dead = torch.diagonal(hess) == 0
     hess[dead, dead] = 1.0
-    hess[np.diag_indices(len(hess))] += damp * np.mean(np.diag(hess))
-    return np.linalg.cholesky(np.linalg.inv(hess)).T.astype(np.float32), dead
+    hess.diagonal().add_(damp * float(torch.diagonal(hess).mean()))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hess))
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead.numpy()
 
 
 def gptq(weight: np.ndarray, gram: np.ndarray, grid: Grid, damp: float = 0.01, act_order: bool = False
          ) -> np.ndarray:
     """weight W [K, N] (``x @ W``), gram H [K, K]; returns q uint8 [N, k_blocks, block] on ``grid``."""
+    import torch
+
     k, n = weight.shape
     block = grid.block_size
     order = np.argsort(-np.diag(gram), kind="stable") if act_order else np.arange(k)
-    w = weight.T[:, order].astype(np.float32)  # [N, K]: one column per input channel, in rounding order
     hinv, dead = _inverse_cholesky(gram[np.ix_(order, order)], damp)
-    w[:, dead] = 0.0
-    scale, zero = grid.scale.astype(np.float32), grid.zero.astype(np.float32)
-    group = order // block
-    qmax = 2 ** grid.bits - 1
-    q_all = np.empty((n, k), np.uint8)
-    for start in range(0, k, _COLUMNS_PER_STEP):
-        stop = min(start + _COLUMNS_PER_STEP, k)
-        chunk, hchunk = w[:, start:stop].copy(), hinv[start:stop, start:stop]
-        errors = np.zeros_like(chunk)
-        for i in range(stop - start):
-            g = group[start + i]
-            col = chunk[:, i]
-            q = np.clip(np.rint(col / scale[:, g]) + zero[:, g], 0, qmax)
-            q_all[:, start + i] = q
-            err = (col - (q - zero[:, g]) * scale[:, g]) / hchunk[i, i]
-            chunk[:, i:] -= np.outer(err, hchunk[i, i:])
-            errors[:, i] = err
-        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+    w = torch.from_numpy(np.ascontiguousarray(weight[order], dtype=np.float32))  # [K, N] in rounding order
+    w[torch.from_numpy(dead)] = 0.0
+    group = torch.from_numpy(order // block)
+    scale = torch.from_numpy(np.ascontiguousarray(grid.scale.T, dtype=np.float32))[group]  # [K, N]
+    zero = torch.from_numpy(np.ascontiguousarray(grid.zero.T, dtype=np.float32))[group]
+    qmax = float(2 ** grid.bits - 1)
+    q_all = torch.empty((k, n), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, k, _COLUMNS_PER_STEP):
+            stop = min(start + _COLUMNS_PER_STEP, k)
+            chunk, h = w[start:stop], hinv[start:stop, start:stop]
+            for i in range(stop - start):
+                row, s, z = chunk[i], scale[start + i], zero[start + i]
+                q = torch.clamp(torch.round(row / s) + z, 0.0, qmax)
+                q_all[start + i] = q
+                err = (row - (q - z) * s) / h[i, i]
+                chunk[i + 1:].addr_(h[i, i + 1:], err, alpha=-1.0)
+                chunk[i] = err  # the row is done: keep its scaled error for the batch update
+            if stop < k:
+                w[stop:].addmm_(hinv[start:stop, stop:].T, chunk, alpha=-1.0)
     k_blocks = grid.scale.shape[1]
     padded = np.empty((n, k_blocks * block), np.uint8)
-    padded[:, order] = q_all
+    padded[:, order] = q_all.numpy().astype(np.uint8).T
     padded[:, k:] = grid.zero[:, -1:]  # padding dequantizes to 0
     return padded.reshape(n, k_blocks, block)

@@ -58,28 +58,67 @@ def search_grid(blocks: np.ndarray, importance: np.ndarray | None, bits: int, sy
     block's extreme weight on the grid's longer side (-2**(bits-1)), as llama.cpp's Q4_0 does;
     asymmetric ones an integer zero point.
     """
+    import torch
+
     n, k_blocks, block = blocks.shape
-    imp = np.ones((k_blocks, block), np.float32) if importance is None else importance.astype(np.float32)
-    weight = imp[None] * np.sqrt((blocks ** 2).mean(-1, keepdims=True) + blocks ** 2)
-    best_err = np.full((n, k_blocks), np.inf, np.float32)
-    best_scale = np.ones((n, k_blocks), np.float32)
-    best_zero = np.full((n, k_blocks), 2 ** (bits - 1), np.uint8)
-    lo, hi = blocks.min(-1), blocks.max(-1)
+    imp = torch.ones((k_blocks, block)) if importance is None else torch.from_numpy(importance.astype(np.float32))
+    data = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32))
+    scale_out = torch.empty((n, k_blocks), dtype=torch.float32)
+    zero_out = torch.empty((n, k_blocks), dtype=torch.uint8)
+    rows = max(1, _SEARCH_ELEMENTS // (k_blocks * block))
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            scale_out[r0:r0 + rows], zero_out[r0:r0 + rows] = _search_rows(data[r0:r0 + rows], imp, bits, symmetric)
+    return Grid(scale_out.numpy(), zero_out.numpy(), bits, block, symmetric)
+
+
+_SEARCH_ELEMENTS = 1 << 20  # weights per slice of rows: the search's temporaries stay in cache-sized pieces
+
+
+def _search_rows(blocks, imp, bits: int, symmetric: bool):
+    """search_grid on a slice of rows (torch [rows, k_blocks, block]).
+
+    For integers c = q - zero and scale s the weighted error is ``A - (2 s num - s^2 den)`` with
+    ``num = sum(weight c w)``, ``den = sum(weight c^2)`` and ``A = sum(weight w^2)`` the same for every
+    candidate, so only the gain ``2 s num - s^2 den`` is compared (s: the least-squares ``num / den``)."""
+    import torch
+
+    weight = imp[None] * torch.sqrt((blocks * blocks).mean(-1, keepdim=True) + blocks * blocks)
+    weighted = weight * blocks
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    best_gain = torch.full(lo.shape, -torch.inf)
+    best_scale = torch.ones(lo.shape)
+    best_zero = torch.full(lo.shape, float(2 ** (bits - 1)))
+    qmax = float(2 ** bits - 1)
     for step in _STEPS:
-        scale, zero = _candidate(lo / np.float32(step), hi / np.float32(step), bits, symmetric)
-        q = Grid(scale, zero, bits, block, symmetric).quantize(blocks)
+        scale, zero = _candidate_torch(lo / step, hi / step, bits, symmetric)
+        c = torch.clamp(torch.round(blocks / scale[..., None]) + zero[..., None], 0.0, qmax) - zero[..., None]
         # for these integers the weighted least-squares scale is never worse than the candidate's own
-        centred = q.astype(np.float32) - zero[..., None].astype(np.float32)
-        weighted = weight * centred
-        num, den = (weighted * blocks).sum(-1), (weighted * centred).sum(-1)
-        s = np.where(den > 0, num / np.maximum(den, np.float32(1e-30)), scale).astype(np.float32)
-        s = np.where(s != 0, s, scale)
-        err = (weight * (blocks - centred * s[..., None]) ** 2).sum(-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, s, best_scale)
-        best_zero = np.where(better, zero, best_zero)
-    return Grid(best_scale.astype(np.float32), best_zero.astype(np.uint8), bits, block, symmetric)
+        num = (c * weighted).sum(-1)
+        den = (c * c * weight).sum(-1)
+        s = torch.where(den > 0, num / torch.clamp(den, min=1e-30), scale)
+        s = torch.where(s != 0, s, scale)
+        gain = 2 * s * num - s * s * den
+        better = gain > best_gain
+        best_gain = torch.where(better, gain, best_gain)
+        best_scale = torch.where(better, s, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero.to(torch.uint8)
+
+
+def _candidate_torch(lo, hi, bits: int, symmetric: bool):
+    """:func:`_candidate` in torch (scale, zero as float)."""
+    import torch
+
+    if symmetric:
+        half = float(2 ** (bits - 1))
+        extreme = torch.where(-lo >= hi, lo, hi)
+        scale = torch.where(extreme != 0, -extreme / half, torch.ones_like(extreme))
+        return scale, torch.full_like(lo, half)
+    qmax = float(2 ** bits - 1)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+    return scale, torch.clamp(torch.round(-lo / scale), 0.0, qmax)
 
 
 def _candidate(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
