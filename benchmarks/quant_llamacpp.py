@@ -82,30 +82,9 @@ def bits_per_weight(path: Path) -> tuple[float, dict[str, str]]:
     return bits / weights, {k: "/".join(sorted(v)) for k, v in types.items()}
 
 
-def _without_repack() -> None:
-    """llama.cpp's extra CPU buffer types (weight repacking, AMX) crash this llama-cpp-python 0.3.36 build
-    on this box's AMX CPU at the first eval of a Q4_0 model (segfault); the plain CPU buffers run every
-    type.  So the decode column here is llama.cpp without repacking: slower than its best on this CPU."""
-    import llama_cpp
-    import llama_cpp.llama as module
-
-    if getattr(module.llama_cpp, "_smoledge_no_repack", False):
-        return
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    module.llama_cpp.llama_model_default_params = params
-    module.llama_cpp._smoledge_no_repack = True
-
-
 def logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
     from llama_cpp import Llama
 
-    _without_repack()
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
                 n_threads_batch=threads, logits_all=True, verbose=False)
     llm.reset()
@@ -118,7 +97,6 @@ def logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
 def decode_ms(path: Path, threads: int, context: int = 128, steps: int = 24) -> float:
     from llama_cpp import Llama
 
-    _without_repack()
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.eval(list(range(10, 10 + context)))
     times = []
