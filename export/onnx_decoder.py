@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from smoledge.export.graphs import past_names, present_names, text_shape
+from smoledge.quantize.recipe import KV_CACHE_DTYPES
 
 FLOAT, FLOAT16, INT64, INT32 = "FLOAT", "FLOAT16", "INT64", "INT32"
 TYPES = {"float32": FLOAT, "float16": FLOAT16, "int64": INT64}  # the manifest's dtype names -> ONNX types
-KV_DTYPES = ("float32", "float16")  # the recipe's kv_cache
 OPSET = 21
 MS = "com.microsoft"
 SUPPORTED = ("llama",)
@@ -169,8 +169,8 @@ def build(model, kv_capacity: int | None = None, kv_cache: str = "float32"):
     _check_supported(model)
     import onnx_ir as ir
 
-    if kv_cache not in KV_DTYPES:
-        raise ValueError(f"kv_cache {kv_cache!r} is not one of {', '.join(KV_DTYPES)}")
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache {kv_cache!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
 
     cfg, ts = model.config.text_config, text_shape(model)
     text = model.model.text_model
