@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import platform
@@ -71,7 +72,10 @@ def measurement_key(manifest: Manifest, fmt: str) -> str:
                 files={path: dataclasses.asdict(entry) for path, entry in manifest.files.items() if path in mine})
     spec = format_spec(fmt)
     versions = {package: _version(package) for package in (*spec.requires, "numpy", "tokenizers")}
-    probe_code = hashlib.sha256(Path(memory_probe.__file__).read_bytes()).hexdigest()
+    # the probe's code and the backend's: a change in how the backend allocates must measure again
+    backend = importlib.util.find_spec(spec.backend)
+    code = Path(memory_probe.__file__).read_bytes() + (Path(backend.origin).read_bytes() if backend else b"")
+    probe_code = hashlib.sha256(code).hexdigest()
     machine = [platform.machine(), platform.system(), sys.version.split()[0]]
     text = json.dumps([fmt, data, versions, probe_code, machine], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -13,7 +13,10 @@ give the figures the router's memory model needs (:class:`~smoledge.runtime.mani
 The model is linear; export and ``smoledge doctor --calibrate`` both call this, and the router prefers
 the calibration of this device over the export machine's figures.  Run as a module it is the child::
 
-    python -m smoledge.runtime.memory_probe BUNDLE FORMAT PROMPT_TOKENS IMAGE_WxHxCOUNT|- NEW_TOKENS
+    python -m smoledge.runtime.memory_probe BUNDLE FORMAT PROMPT_TOKENS IMAGE_WxHxCOUNT|- NEW_TOKENS [OPTIONS_JSON]
+
+``options`` are the backend's load options (a device profile's ``backend_options``); export measures with
+none, the backend's defaults.
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ def measure_memory(bundle: Path, fmt: str, *, vision_batch: int = 4, probes: tup
     return fit(results, manifest, vision_batch)
 
 
-def run_probe(bundle: Path, fmt: str, probe: Probe, *, timeout_s: float = 300.0) -> ProbeResult:
+def run_probe(bundle: Path, fmt: str, probe: Probe, *, timeout_s: float = 300.0,
+              options: dict | None = None) -> ProbeResult:
+    """``probe`` answered by ``fmt`` in a fresh child process, the backend loaded with ``options``."""
     image = f"{probe.image[0]}x{probe.image[1]}x{probe.images}" if probe.image else "-"
     cmd = [sys.executable, "-m", "smoledge.runtime.memory_probe", str(bundle), fmt, str(probe.tokens), image,
-           str(probe.new_tokens)]
+           str(probe.new_tokens), json.dumps(options or {})]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -171,8 +176,8 @@ def _child(argv: list[str]) -> int:
     from smoledge.runtime import load
     from smoledge.runtime.types import ChatRequest, Message, SamplingConfig
 
-    bundle, fmt, tokens, image, new_tokens = argv
-    pipe = load(bundle, fmt, verify=False)
+    bundle, fmt, tokens, image, new_tokens, *options = argv
+    pipe = load(bundle, fmt, verify=False, **(json.loads(options[0]) if options else {}))
     load_rss = current_rss()
     width, height, count = (0, 0, 0) if image == "-" else map(int, image.split("x"))
     images = [_image(width, height)] * count
