@@ -1,6 +1,8 @@
 """Device profiles: what a device can hold and how fast it runs, as data.
 
-A profile is a JSON file in ``profiles/`` (one per device) read into a frozen :class:`DeviceProfile`.
+A profile is a JSON file in ``profiles/`` (one per device) read into a frozen :class:`DeviceProfile`.  Its
+``backend_options`` (per bundle format, e.g. ``{"onnx": {"vision_session": "release"}}``) are the runtime options
+the CLI and server load the backend with, so the runtime the router plans for is the one that runs.
 The ``auto`` profile describes this machine: RAM, cores and onnxruntime execution providers are
 detected when it is loaded, and its speed figures are rough per-core estimates.  ``smoledge doctor
 --calibrate`` measures the speed and peak memory of one bundle on this device and stores them in the cache
@@ -15,7 +17,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -65,6 +67,12 @@ class DeviceProfile:
     bundle_verify: str = "fast"  # "full": hash every bundle file on each run (SD cards: bit rot keeps mtimes)
     # the bundle's memory figures measured on this device (apply_calibration); None: the manifest's
     memory: MeasuredMemory | None = None
+    # bundle format -> the options its backend is loaded with on this device ({"onnx": {"vision_session": ...}})
+    backend_options: dict = field(default_factory=dict)
+
+    def options_for(self, fmt: str | None) -> dict:
+        """The backend options this profile sets for format ``fmt`` (a copy; empty where it sets none)."""
+        return dict(self.backend_options.get(fmt or "onnx", {}))
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,22 @@ def _profile_from_json(data: dict) -> DeviceProfile:
             speed=SpeedFigures(float(speed["tile_encode_s"]), float(speed["prefill_tok_s"]),
                                float(speed["decode_tok_s"])),
             bundle_verify=_verify_mode(data.get("bundle_verify", "fast")),
+            backend_options=_backend_options(data.get("backend_options", {})),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"device profile {data.get('name')!r} is malformed: {err}",
                           hint="compare it with the profiles shipped in cloud_fallback/profiles/") from err
+
+
+def _backend_options(value) -> dict:
+    """``{format: {option: scalar}}``; the backend checks the names and values when it loads."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"backend_options must map a bundle format to an object of options, got {value!r}")
+    for fmt, options in value.items():
+        bad = [k for k, v in options.items() if not isinstance(v, (str, int, float, bool))]
+        if bad:
+            raise ValueError(f"backend_options.{fmt}: {', '.join(bad)} must be a string, number or true/false")
+    return {str(fmt): dict(options) for fmt, options in value.items()}
 
 
 def _verify_mode(value) -> str:

@@ -130,15 +130,17 @@ def prompt_text(args: argparse.Namespace) -> str:
                              hint="re-save it as UTF-8") from None
 
 
-def load_pipeline(path, args: argparse.Namespace, *, verify=True):
-    """The bundle at ``path`` with ``--backend`` (else the first the bundle holds and this machine runs)."""
+def load_pipeline(path, args: argparse.Namespace, *, verify=True, profile=None):
+    """The bundle at ``path`` with ``--backend`` (else the first the bundle holds and this machine runs), with
+    the device ``profile``'s backend options (the flags win where both set one)."""
     from smoledge.runtime.backends import load_backend
     from smoledge.runtime.bundle import open_bundle
     from smoledge.runtime.pipeline import Pipeline
 
     bundle = open_bundle(path, verify=verify)
     resolve_backend(args, bundle.manifest.formats, f"bundle {path}")
-    return Pipeline(bundle, load_backend(args.backend, bundle, **backend_options_from_args(args)))
+    options = {**(profile.options_for(args.backend) if profile else {}), **backend_options_from_args(args)}
+    return Pipeline(bundle, load_backend(args.backend, bundle, **options))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -154,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     config = router_config_from_args(args)
     verify = args.verify or config.profile.bundle_verify
     pipe = load_pipeline(bundle_for(args.bundle, revision=args.revision, quant=args.quant, backend=args.backend),
-                         args, verify=verify)
+                         args, verify=verify, profile=config.profile)
     pipe.set_video_max_frames(resolve_max_frames(args.max_frames, config.profile.max_video_frames))
     request = build_request(args, pipe.manifest)
     stats = args.stats if args.stats is not None else sys.stderr.isatty()

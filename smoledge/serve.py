@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     from smoledge.server_worker import Service
 
     config = router_config_from_args(args)
-    pipe = load_pipeline(args.bundle, args)
+    pipe = load_pipeline(args.bundle, args, profile=config.profile)
     model_id = model_id_for(pipe.manifest, args.bundle, args.model_name)
     service = Service(pipe, config, queue_size=args.queue_size, model_id=model_id)
     settings = settings_from_args(args, pipe.manifest)
