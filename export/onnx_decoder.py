@@ -72,9 +72,17 @@ class _Builder:
 
     def weight(self, name: str, array) -> object:
         ir = self.ir
-        if isinstance(array, torch.Tensor):
-            array = array.detach().to(torch.float32).contiguous().numpy()
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        if isinstance(array, torch.Tensor) and (array.dtype != torch.float32 or not array.is_contiguous()):
+            # a transposed (or cast) view of the model's weight: made when the graph is written, one tensor at
+            # a time, so the graph never holds an fp32 copy of every weight beside the model (6.8 GB at 2.2B)
+            view = array.detach()
+            tensor = ir.LazyTensor(lambda: ir.tensor(view.to(torch.float32).contiguous().numpy(), name=name),
+                                   dtype=ir.DataType.FLOAT, shape=ir.Shape(tuple(view.shape)), name=name)
+        else:
+            if isinstance(array, torch.Tensor):
+                array = array.detach().numpy()  # contiguous fp32: a view of the model's own storage
+            tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, const_value=tensor)
         value.type, value.shape = ir.TensorType(value.const_value.dtype), ir.Shape(value.const_value.shape)
         self.initializers.append(value)
         return value
