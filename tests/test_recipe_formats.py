@@ -138,6 +138,7 @@ def test_export_and_run_default_to_the_default_recipe():
     assert model_cache._fallbacks(DEFAULT_RECIPE, ("onnx",)) == model_cache._fallbacks("int4", ("coreml",)) == ""
 
 
+@pytest.mark.slow  # a tiny Core ML export: ~35 s here
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("coremltools"), reason="coremltools is not installed")
 def test_a_default_export_gives_core_ml_its_fallback_and_says_so(tiny_model_dir, tmp_path):
     """Through the CLI, without --quant: the Core ML section holds int4 (RTN), recorded as replacing the
