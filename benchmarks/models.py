@@ -42,10 +42,14 @@ def work_dir_for(size: str, model_dir: Path) -> Path:
     return cache_path("bench") / f"{size}-{model_stamp(model_dir)}"
 
 
-def ensure_bundle(model_dir: Path, work_dir: Path, recipe: str = "int4", formats: tuple[str, ...] = ("onnx",)) -> Path:
-    """Our default bundle of this model with ``formats`` in it, exported with ``export_bundle`` (formats a
-    cached bundle lacks are added to it)."""
+def ensure_bundle(model_dir: Path, work_dir: Path, recipe: str | None = None,
+                  formats: tuple[str, ...] = ("onnx",)) -> Path:
+    """Our bundle of this model (the default recipe unless ``recipe``) with ``formats`` in it, exported with
+    ``export_bundle`` (formats a cached bundle lacks are added to it; each takes the recipe's fallback for it)."""
+    from smoledge.quantize.recipe import DEFAULT_RECIPE
     from smoledge.runtime.manifest import SCHEMA_VERSION
+
+    recipe = recipe or DEFAULT_RECIPE
 
     out = work_dir / f"smoledge-{recipe}-schema{SCHEMA_VERSION}"  # a cached bundle of an older schema is left alone
     from smoledge.runtime.bundle import MANIFEST, open_bundle

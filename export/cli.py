@@ -1,11 +1,11 @@
-"""``smoledge export MODEL --format onnx --quant int4 --out DIR``."""
+"""``smoledge export MODEL --format onnx --quant int4-mixed --out DIR``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from smoledge.quantize.recipe import builtin_recipes
+from smoledge.quantize.recipe import DEFAULT_RECIPE, builtin_recipes
 from smoledge.runtime.formats import FORMATS, dest
 
 
@@ -17,8 +17,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-revision", help="hub revision of --adapter; ignored for a local folder")
     parser.add_argument("--format", dest="formats", action="append", choices=list(FORMATS),
                         help="artifact format to add to the bundle (repeatable; default onnx)")
-    parser.add_argument("--quant", default="int4",
-                        help=f"quantization recipe: {', '.join(builtin_recipes())} or a recipe .json (default int4)")
+    parser.add_argument("--quant", default=DEFAULT_RECIPE,
+                        help=f"quantization recipe: {', '.join(builtin_recipes())} or a recipe .json (default "
+                        f"{DEFAULT_RECIPE}; a format that cannot take its grids uses the recipe its \"formats\" names)")
     parser.add_argument("--vision-precision", choices=["fp32", "int8", "int4"],
                         help="override the recipe for the vision encoder and connector")
     added = set()

@@ -75,11 +75,10 @@ def _export(job: ExportJob, bar: Progress) -> Path:
     base = describe_model(checkpoint, model, processor, adapter.manifest_entry() if adapter else None, cloud)
     with BundleStaging(job.out, checkpoint.file_hashes) as staging:
         artifacts = dict(staging.previous.artifacts) if staging.previous else {}
-        # layer selectors (llama.cpp's use_more_bits) resolved once, so the manifest says which layers
-        recipe = job.recipe.for_layers(model.config.text_config.num_hidden_layers)
         processor.tokenizer.backend_tokenizer.save(str(staging.path(base.tokenizer.file)))
         for fmt, module in modules.items():
             options = job.target_options.get(fmt) or module.default_options()
+            recipe = target_recipe(job.recipe, fmt, model.config.text_config.num_hidden_layers, bar)
             artifacts[fmt] = _run_target(module, model, staging, recipe, options, bar)
         memory = dataclasses.replace(base.memory, weight_bytes=max(a.weight_bytes for a in artifacts.values()))
         manifest = dataclasses.replace(base, memory=memory, artifacts=artifacts)
@@ -92,6 +91,18 @@ def _export(job: ExportJob, bar: Progress) -> Path:
         path = staging.commit(manifest)
         bar.advance()
     return path
+
+
+def target_recipe(recipe: Recipe, fmt: str, n_layers: int, bar: Progress) -> Recipe:
+    """The recipe the ``fmt`` target applies: the job's, or the fallback its ``formats`` names for ``fmt``
+    (said on the progress stream), with layer selectors (llama.cpp's use_more_bits) resolved against the
+    model, so the manifest says which layers."""
+    chosen = recipe.for_format(fmt)
+    if chosen is not recipe:
+        line = f"{fmt}: recipe {chosen.name} (the {fmt} fallback of {recipe.name})"
+        log.info(line)
+        bar.write(line)
+    return chosen.for_layers(n_layers)
 
 
 def _run_target(module, model, staging, recipe, options, bar) -> Artifact:

@@ -6,10 +6,15 @@ to a scheme.  The first matching rule wins; a weight no rule matches stays in fl
 nothing about packing or backend: the ONNX, ExecuTorch and Core ML targets each map a scheme onto
 their own quantizer, and the recipe is written verbatim into the bundle manifest.  One top-level key is not
 about weights: ``kv_cache`` ("float32", the default, or "float16") is the ONNX decoder's KV cache dtype
-(docs/decoder.md); the ExecuTorch and Core ML targets keep their own cache.
+(docs/decoder.md); the ExecuTorch and Core ML targets keep their own cache.  Another, ``formats``, names the
+recipe a format uses instead of this one (``{"executorch": "int4", "coreml": "int4"}``: formats whose
+quantizer computes its own round-to-nearest scales cannot take a calibrated recipe's grids, and would
+otherwise get its layout by RTN); :meth:`Recipe.for_format` resolves it, following a fallback's own
+``formats`` entry for the same format, and the artifact's manifest section records the recipe it took.
 
 Built-in recipes live as JSON files in ``quantize/recipes/``; ``--quant NAME`` picks one, ``--quant
-path/to/recipe.json`` loads your own.
+path/to/recipe.json`` loads your own (a fallback named by path is relative to the recipe file).
+:data:`DEFAULT_RECIPE` is what ``smoledge export`` / ``run`` / the benchmarks use without ``--quant``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from smoledge.errors import ConfigError
 from smoledge.quantize.calibration import CalibrationSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "int4-mixed"  # docs/quantization.md: KL 0.106 / top-1 79.3% at 4.92 bits per weight
 ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq", "importance")
 CALIBRATED = ("gptq", "importance")  # read activations from the calibration text
 SCALE_DTYPES = ("float32",)  # MatMulNBits scales take the activation type: fp32 graphs -> fp32 scales
@@ -161,6 +167,12 @@ class Recipe:
     notes: dict = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
     kv_cache: str = "float32"
+    # format -> the recipe (built-in name or path) that format uses instead; data, as written in the recipe
+    formats: dict[str, str] = field(default_factory=dict)
+    # set on a format's fallback: the name of the recipe it stands in for (recorded in that format's manifest)
+    replaces: str | None = None
+    # format -> the resolved fallback (load_recipe fills it); not data, not compared
+    fallbacks: dict[str, "Recipe"] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHE_DTYPES:
@@ -168,6 +180,17 @@ class Recipe:
                               hint='e.g. "kv_cache": "float16" at the top of the recipe')
         if self.calibration is None and any(r.scheme.calibrated for r in self.rules):
             object.__setattr__(self, "calibration", CalibrationSpec())
+        _check_formats(self.name, self.formats)
+
+    def for_format(self, fmt: str) -> "Recipe":
+        """The recipe the ``fmt`` target applies: this one, or the fallback its ``formats`` names for ``fmt``
+        (resolved by :func:`load_recipe`), with ``replaces`` saying which recipe it stands in for."""
+        if fmt not in self.formats:
+            return self
+        if fmt not in self.fallbacks:
+            raise ConfigError(f"recipe {self.name!r} names {self.formats[fmt]!r} for {fmt} but it was not resolved",
+                              hint="load the recipe with smoledge.quantize.recipe.load_recipe")
+        return self.fallbacks[fmt]
 
     def scheme_for(self, weight_name: str) -> Scheme | None:
         for rule in self.rules:
@@ -180,6 +203,10 @@ class Recipe:
                 "rules": [r.to_dict() for r in self.rules], "kv_cache": self.kv_cache}
         if self.calibration is not None:
             data["calibration"] = self.calibration.to_dict()
+        if self.formats:
+            data["formats"] = dict(self.formats)
+        if self.replaces is not None:
+            data["replaces"] = self.replaces
         return data
 
     @classmethod
@@ -188,15 +215,19 @@ class Recipe:
             rules = tuple(Rule.from_dict(r) for r in data["rules"])
             return cls(name=data["name"], rules=rules, description=data.get("description", ""),
                        notes=data.get("notes", {}), calibration=CalibrationSpec.from_dict(data.get("calibration")),
-                       kv_cache=data.get("kv_cache", "float32"))
-        except (KeyError, TypeError) as err:
+                       kv_cache=data.get("kv_cache", "float32"), formats=_copied(data.get("formats") or {}),
+                       replaces=data.get("replaces"))
+        except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"malformed quantization recipe: {err}",
                               hint="a recipe is {name, rules: [{match, scheme: {bits, block_size, ...}}]}") from None
 
     def with_rules_first(self, rules: tuple[Rule, ...], suffix: str) -> "Recipe":
-        """The same recipe with ``rules`` tried before its own (e.g. a --vision-precision override)."""
+        """The same recipe with ``rules`` tried before its own (e.g. a --vision-precision override); its
+        formats' fallbacks get them too."""
+        fallbacks = {fmt: r.with_rules_first(rules, suffix) for fmt, r in self.fallbacks.items()}
+        replaces = None if self.replaces is None else f"{self.replaces}+{suffix}"
         return Recipe(f"{self.name}+{suffix}", tuple(rules) + self.rules, self.description, dict(self.notes),
-                      self.calibration, self.kv_cache)
+                      self.calibration, self.kv_cache, dict(self.formats), replaces, fallbacks)
 
     def for_layers(self, n_layers: int) -> "Recipe":
         """Every rule's layer selector resolved against a decoder of ``n_layers`` layers."""
@@ -213,6 +244,11 @@ class Recipe:
     @property
     def is_float(self) -> bool:
         return all(rule.scheme.keeps_float for rule in self.rules)
+
+
+def _copied(value):
+    """A dict copied (a recipe's own, not the caller's); anything else as given, for the check to name it."""
+    return dict(value) if isinstance(value, dict) else value
 
 
 def _scheme_fields(data: dict) -> dict:
@@ -269,19 +305,61 @@ class QuantReport:
         return cls(schemes, sum(r.weights for r in reports), sum(r.weight_bytes for r in reports))
 
 
+def _check_formats(name: str, formats) -> None:
+    """A recipe's ``formats``: registered format -> a recipe name or path (a string)."""
+    from smoledge.runtime.formats import FORMATS
+
+    if not isinstance(formats, dict):
+        raise ConfigError(f"recipe {name!r}: \"formats\" must map a format to a recipe, got {formats!r}",
+                          hint='e.g. "formats": {"executorch": "int4", "coreml": "int4"}')
+    for fmt, other in formats.items():
+        if fmt not in FORMATS:
+            raise ConfigError(f"recipe {name!r} names a fallback for {fmt!r}, which is not a format",
+                              hint=f"formats are {', '.join(FORMATS)}")
+        if not isinstance(other, str) or not other:
+            raise ConfigError(f"recipe {name!r}: the {fmt} fallback must be a recipe name or path, got {other!r}")
+
+
 def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
+def _recipe_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
-        path = RECIPE_DIR / f"{name_or_path}.json"
+        return RECIPE_DIR / f"{name_or_path}.json"
+    return relative_to / path if relative_to is not None and not path.is_absolute() else path
+
+
+def _read_recipe(path: Path, name_or_path: str | Path, named_by: str = "") -> Recipe:
     if not path.is_file():
-        raise ConfigError(f"unknown quantization recipe {str(name_or_path)!r}",
+        raise ConfigError(f"unknown quantization recipe {str(name_or_path)!r}{named_by}",
                           hint=f"use one of {', '.join(builtin_recipes())} or a path to a recipe .json")
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read quantization recipe {path}: {err}") from None
     return Recipe.from_dict(data)
+
+
+def _fallback(recipe: Recipe, path: Path, fmt: str) -> Recipe:
+    """The recipe ``fmt`` ends on when it follows ``formats[fmt]`` from ``recipe`` (read from ``path``):
+    every recipe on the way must exist, and none may come back (a cycle)."""
+    chain, current, current_path = [path.resolve()], recipe, path
+    while fmt in current.formats:
+        ref = current.formats[fmt]
+        next_path = _recipe_path(ref, current_path.parent)
+        current = _read_recipe(next_path, ref, f" (the {fmt} fallback of recipe {current.name!r})")
+        current_path = next_path
+        if next_path.resolve() in chain:
+            names = " -> ".join(p.stem for p in chain + [next_path.resolve()])
+            raise ConfigError(f"recipe {recipe.name!r}: the {fmt} fallbacks form a cycle ({names})",
+                              hint=f"end the chain on a recipe without a {fmt} entry in its \"formats\"")
+        chain.append(next_path.resolve())
+    return replace(current, replaces=recipe.name, fallbacks={})
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    path = _recipe_path(name_or_path)
+    recipe = _read_recipe(path, name_or_path)
+    return replace(recipe, fallbacks={fmt: _fallback(recipe, path, fmt) for fmt in recipe.formats})

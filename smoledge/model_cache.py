@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from smoledge.errors import BundleError, ModelLoadError
+from smoledge.quantize.recipe import DEFAULT_RECIPE
 
 # an owner/name Hub id, as huggingface_hub validates them
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-DEFAULT_RECIPE = "int4"
 
 
 def is_bundle(path: Path) -> bool:
@@ -95,10 +95,20 @@ def cached_export(model: str, revision: str | None, folder: Path, quant: str | N
 
     require_export_extra("run", subject="running a checkpoint (it is exported first)",  # before saying it exports
                          alternative="or run a bundle ('smoledge pull REPO_ID' fetches a pre-built one)")
-    print(f"smoledge run: exporting {model} once ({recipe_name}, {', '.join(formats)}) into {out}",
+    took = _fallbacks(recipe_name, formats)
+    print(f"smoledge run: exporting {model} once ({recipe_name}, {', '.join(formats)}{took}) into {out}",
           file=sys.stderr, flush=True)
     _export(model, revision, out, recipe_name, formats)
     return out
+
+
+def _fallbacks(recipe_name: str, formats: tuple[str, ...]) -> str:
+    """``; executorch takes int4`` where the recipe names another recipe for a format."""
+    from smoledge.quantize.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    took = [f"{fmt} takes {recipe.for_format(fmt).name}" for fmt in formats if recipe.for_format(fmt) is not recipe]
+    return "".join(f"; {t}" for t in took)
 
 
 def _export(model: str, revision: str | None, out: Path, recipe_name: str, formats: tuple[str, ...]) -> None:

@@ -69,8 +69,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """How a checkpoint or Hub id becomes a bundle."""
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub MODEL")
+    from smoledge.quantize.recipe import DEFAULT_RECIPE
+
     parser.add_argument("--quant", default=None,
-                        help="recipe for exporting a checkpoint MODEL (default int4); ignored for a bundle")
+                        help=f"recipe for exporting a checkpoint MODEL (default {DEFAULT_RECIPE}); ignored for a "
+                        "bundle")
 
 
 def sampling_from_args(args: argparse.Namespace, manifest):

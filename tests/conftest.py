@@ -123,14 +123,26 @@ def realtext_int4_bundle(realtext_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def realtext_et_bundle(realtext_model_dir, realtext_int4_bundle, tmp_path_factory) -> Path:
-    """The real-text INT4 bundle with the ExecuTorch .pte added beside its ONNX graphs (one bundle, two
-    formats).  Slow: the real decoder's XNNPACK lowering takes several CPU minutes."""
+def realtext_default_bundle(realtext_model_dir, tmp_path_factory) -> Path:
+    """The real-text model exported with the default recipe (``DEFAULT_RECIPE``, calibrated: GPTQ at
+    export, cached per weight group under the smoledge cache's ``quant/``)."""
+    from smoledge.quantize.recipe import DEFAULT_RECIPE
+
+    return _export(realtext_model_dir, tmp_path_factory.mktemp("bundles") / "realtext-default", DEFAULT_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def realtext_et_bundle(realtext_model_dir, realtext_default_bundle, tmp_path_factory) -> Path:
+    """The real-text default bundle with the ExecuTorch .pte added beside its ONNX graphs (one bundle, two
+    formats; the .pte takes the default recipe's ExecuTorch fallback, int4).  Slow: the real decoder's
+    XNNPACK lowering takes several CPU minutes."""
     import shutil
 
-    out = tmp_path_factory.mktemp("bundles") / "realtext-int4-et"
-    shutil.copytree(realtext_int4_bundle, out)
-    return _export(realtext_model_dir, out, "int4", formats=("executorch",))
+    from smoledge.quantize.recipe import DEFAULT_RECIPE
+
+    out = tmp_path_factory.mktemp("bundles") / "realtext-default-et"
+    shutil.copytree(realtext_default_bundle, out)
+    return _export(realtext_model_dir, out, DEFAULT_RECIPE, formats=("executorch",))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,18 @@ def test_answers_paris_through_the_cli(bundle):
     assert "Paris" in res.stdout
 
 
+def test_each_format_records_the_recipe_it_took(bundle):
+    """The default recipe is calibrated; the .pte takes its ExecuTorch fallback (int4, RTN) and says so."""
+    from smoledge.runtime.bundle import open_bundle
+
+    opened = open_bundle(bundle, verify=False)
+    onnx, pte = opened.artifact("onnx"), opened.artifact("executorch")
+    assert onnx.recipe_name == "int4-mixed"
+    assert pte.recipe_name == "int4" and pte.recipe["replaces"] == "int4-mixed"
+    info = run_cli("bundle", "info", str(bundle)).stdout
+    assert "executorch recipe int4," in info and "onnx       recipe int4-mixed," in info, info
+
+
 def test_cpp_multimodal_runner_gives_the_same_answer_from_the_prompt_text(bundle):
     try:
         import executorch.extension.llm.runner as runner_module

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import PARIS_QUESTION, run_cli
+from smoledge.quantize.recipe import DEFAULT_RECIPE
 
 
 @pytest.mark.slow
@@ -13,9 +14,9 @@ def test_a_model_folder_is_exported_once_then_reused(tiny_model_dir, tmp_path):
     argv = ("run", str(tiny_model_dir), PARIS_QUESTION, "--temperature", "0", "--max-new-tokens", "6", "--no-cloud")
     first = run_cli(*argv, env=env)
     assert first.returncode == 0 and first.stdout.strip(), first.stderr
-    assert f"exporting {tiny_model_dir} once (int4, onnx)" in first.stderr
+    assert f"exporting {tiny_model_dir} once ({DEFAULT_RECIPE}, onnx)" in first.stderr
     (bundle,) = (tmp_path / "cache" / "exports").iterdir()
-    assert bundle.name.startswith("tiny-smolvlm-int4-onnx-") and (bundle / "manifest.json").is_file()
+    assert bundle.name.startswith(f"tiny-smolvlm-{DEFAULT_RECIPE}-onnx-") and (bundle / "manifest.json").is_file()
     built = (bundle / "manifest.json").stat().st_mtime_ns
     second = run_cli(*argv, env=env)
     assert second.returncode == 0 and second.stdout == first.stdout, second.stderr
