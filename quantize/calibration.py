@@ -81,7 +81,11 @@ class CalibrationStats:
 
     def hessian(self, name: str) -> np.ndarray | None:
         g = self.gram.get(name)
-        return None if g is None else g / max(self.tokens, 1)
+        if g is None:
+            return None
+        # a file-backed Gram is formed anew on each read: divide it in place instead of holding two
+        fresh = isinstance(self.gram, ActivationGrams)
+        return np.divide(g, max(self.tokens, 1), out=g if fresh else None)
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean square activation per input channel (llama.cpp's imatrix)."""

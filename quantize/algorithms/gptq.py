@@ -24,14 +24,20 @@ _COLUMNS_PER_STEP = 64
 
 
 def _inverse_cholesky(gram: np.ndarray, damp: float):
-    """(upper Cholesky factor of the damped inverse Hessian as float32 torch, mask of channels never excited)."""
+    """(upper Cholesky factor of the damped inverse Hessian as float32 torch, mask of channels never excited);
+    overwrites ``gram``."""
     import torch
 
-    hess = torch.from_numpy(gram.astype(np.float64))
+    # ``gram`` is the caller's scratch copy: damped in place, and each fp64 K x K step frees the one before
+    # (down_proj's 8192^2 is 537 MB a copy at 2.2B)
+    hess = torch.from_numpy(gram.astype(np.float64, copy=False))
     dead = torch.diagonal(hess) == 0
     hess[dead, dead] = 1.0
     hess.diagonal().add_(damp * float(torch.diagonal(hess).mean()))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hess))
+    factor = torch.linalg.cholesky(hess)
+    del hess
+    inverse = torch.cholesky_inverse(factor)
+    del factor
     return torch.linalg.cholesky(inverse, upper=True).float(), dead.numpy()
 
 
