@@ -52,17 +52,17 @@ def gptq(weight: np.ndarray, gram: np.ndarray, grid: Grid, damp: float = 0.01, a
     hinv, dead = _inverse_cholesky(gram[np.ix_(order, order)], damp)
     w = torch.from_numpy(np.ascontiguousarray(weight[order], dtype=np.float32))  # [K, N] in rounding order
     w[torch.from_numpy(dead)] = 0.0
-    group = torch.from_numpy(order // block)
-    scale = torch.from_numpy(np.ascontiguousarray(grid.scale.T, dtype=np.float32))[group]  # [K, N]
-    zero = torch.from_numpy(np.ascontiguousarray(grid.zero.T, dtype=np.float32))[group]
+    group = (order // block).tolist()  # each rounded channel's block: its row of the [k_blocks, N] grid
+    scale = torch.from_numpy(np.ascontiguousarray(grid.scale.T, dtype=np.float32))
+    zero = torch.from_numpy(np.ascontiguousarray(grid.zero.T, dtype=np.float32))
     qmax = float(2 ** grid.bits - 1)
-    q_all = torch.empty((k, n), dtype=torch.float32)
+    q_all = torch.empty((k, n), dtype=torch.uint8)  # integers in [0, qmax], stored exactly
     with torch.no_grad():
         for start in range(0, k, _COLUMNS_PER_STEP):
             stop = min(start + _COLUMNS_PER_STEP, k)
             chunk, h = w[start:stop], hinv[start:stop, start:stop]
             for i in range(stop - start):
-                row, s, z = chunk[i], scale[start + i], zero[start + i]
+                row, s, z = chunk[i], scale[group[start + i]], zero[group[start + i]]
                 q = torch.clamp(torch.round(row / s) + z, 0.0, qmax)
                 q_all[start + i] = q
                 err = (row - (q - z) * s) / h[i, i]
@@ -72,6 +72,6 @@ def gptq(weight: np.ndarray, gram: np.ndarray, grid: Grid, damp: float = 0.01, a
                 w[stop:].addmm_(hinv[start:stop, stop:].T, chunk, alpha=-1.0)
     k_blocks = grid.scale.shape[1]
     padded = np.empty((n, k_blocks * block), np.uint8)
-    padded[:, order] = q_all.numpy().astype(np.uint8).T
+    padded[:, order] = q_all.numpy().T
     padded[:, k:] = grid.zero[:, -1:]  # padding dequantizes to 0
     return padded.reshape(n, k_blocks, block)
