@@ -269,10 +269,26 @@ def run_one(ws: Workspace, label: str, recipe: Recipe, max_tokens: int) -> dict:
 
 
 VISION = "model.vision_model.*"
-VISION_CANDIDATES = {"int8 sym b32": (8, 32), "int8 sym b64": (8, 64), "int4 sym b32": (4, 32), "int4 sym b64": (4, 64)}
+VISION_MLP = "model.vision_model.*.mlp.*"  # fc1 / fc2: ~65% of the tower's linear weights
 
 
-def vision_rows(ws: Workspace) -> list[dict]:
+def _vision(mlp: tuple[int, int], rest: tuple[int, int], connector: tuple[int, int] | None = None) -> list[dict]:
+    """Rules for the vision tower and connector: (bits, block) for the MLP, the rest (attention) and the
+    connector (default: as the rest)."""
+    return [rule(VISION_MLP, *mlp), rule(VISION, *rest), rule("model.connector.*", *(connector or rest))]
+
+
+VISION_CANDIDATES = {
+    "int8 sym b32": _vision((8, 32), (8, 32)), "int8 sym b64": _vision((8, 64), (8, 64)),
+    "int4 sym b32": _vision((4, 32), (4, 32)), "int4 sym b64": _vision((4, 64), (4, 64)),
+    "mlp int4 b32, attn + connector int8 b32": _vision((4, 32), (8, 32)),
+    "mlp int4 b32, attn + connector int8 b64": _vision((4, 32), (8, 64)),
+    "mlp int4 b64, attn + connector int8 b64": _vision((4, 64), (8, 64)),
+    "mlp + connector int4 b32, attn int8 b64": _vision((4, 32), (8, 64), (4, 32)),
+}
+
+
+def vision_rows(ws: Workspace, only: list[str] | None = None) -> list[dict]:
     """Vision encoder + connector by RTN at each candidate precision: image-feature cosine against fp32 on
     the fidelity report's synthetic tiles, bits per weight and ms per tile.  The real-text model's vision
     tower is seeded random (export/realtext_model.py), so this measures the quantizer's error on that
@@ -286,11 +302,14 @@ def vision_rows(ws: Workspace) -> list[dict]:
     pixels, mask = _tiles(ws.model.config.vision_config.image_size)
     ref = _sessions({"v": raw})["v"].run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
     rows = []
-    for label, (bits, block) in VISION_CANDIDATES.items():
-        recipe = Recipe.from_dict({"name": label, "rules": [rule("*position_embedding", None), rule(VISION, bits, block),
-                                                            rule("model.connector.*", bits, block)]})
+    for label, rules in VISION_CANDIDATES.items():
+        if only and label not in only:
+            continue
+        recipe = Recipe.from_dict({"name": label, "rules": [rule("*position_embedding", None), *rules]})
         proto, report = quantize_model(onnx.load(str(raw)), recipe)
-        path = ws.work / "built" / f"vision-{bits}-{block}.onnx"
+        tag = "".join(c if c.isalnum() else "-" for c in label)
+        path = ws.work / "built" / f"vision-{tag}.onnx"
+        path.parent.mkdir(exist_ok=True)
         onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
         sess = _sessions({"v": path})["v"]
         start = time.perf_counter()
@@ -372,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace(args.work)
     if args.vision:
         with (args.work / "vision.jsonl").open("a") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in vision_rows(ws))
+            fh.writelines(json.dumps(row) + "\n" for row in vision_rows(ws, args.only))
         return 0
     if args.layers:
         with (args.work / "layers.jsonl").open("a") as fh:

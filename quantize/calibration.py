@@ -3,14 +3,24 @@
 The fp32 torch model reads the calibration text shipped in the package (``calibration/calibration.txt``:
 English prose and ChatML chat turns, never the text ``smoledge fidelity`` scores; a test checks that no
 8-token n-gram is shared).  For every ``nn.Linear`` of the text decoder and ``lm_head`` a forward hook
-sums the Gram matrix ``X^T X`` of its input; the quantizers read it as a Hessian (GPTQ) or take its
+records its input; the quantizers read the summed Gram matrix ``X^T X`` as a Hessian (GPTQ) or take its
 diagonal as per-channel importance (llama.cpp's imatrix).
+
+The inputs go to files in a scratch folder under the quantization cache, not to RAM, and each Gram matrix
+is formed only when its layer is quantized: at 2,048 tokens the 2.2B model's inputs are 2.8 GB on disk,
+where its Gram matrices summed in float64 were ~15 GB of RAM held beside the fp32 model and the ONNX
+decoder for the whole export (docs/quantization.md, "Calibration memory").
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +72,7 @@ class CalibrationStats:
     model's parameters, the tokenizer, the calibration text and token count): the quantization cache keys
     a calibrated result by it instead of by the matrices themselves."""
 
-    gram: dict[str, np.ndarray] = field(default_factory=dict)
+    gram: Mapping[str, np.ndarray] = field(default_factory=dict)
     tokens: int = 0
     source: str = ""
 
@@ -71,7 +81,11 @@ class CalibrationStats:
 
     def hessian(self, name: str) -> np.ndarray | None:
         g = self.gram.get(name)
-        return None if g is None else g / max(self.tokens, 1)
+        if g is None:
+            return None
+        # a file-backed Gram is formed anew on each read: divide it in place instead of holding two
+        fresh = isinstance(self.gram, ActivationGrams)
+        return np.divide(g, max(self.tokens, 1), out=g if fresh else None)
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean square activation per input channel (llama.cpp's imatrix)."""
@@ -110,14 +124,69 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+class ActivationGrams(Mapping):
+    """Layer name -> summed Gram matrix, formed on each read from that layer's inputs, which lie in
+    float32 files of a scratch folder (removed with this object, or by the next collect once its writer
+    has died).  Each sequence's ``X^T X`` is an fp32 product, the sum across sequences fp64: the
+    matrices are those an in-memory sum of the same products gives."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._files: dict[str, Path] = {}  # layer -> its input's file (q/k/v, gate/up share one)
+        self._widths: dict[Path, int] = {}
+        self._finalizer = weakref.finalize(self, shutil.rmtree, folder, True)
+
+    @classmethod
+    def in_scratch(cls) -> "ActivationGrams":
+        from smoledge.runtime.cache import cache_path, process_alive
+
+        root = cache_path("quant")
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob("collect-*"):  # a killed export's leftovers
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        return cls(Path(tempfile.mkdtemp(prefix=f"collect-{os.getpid()}-", dir=root)))
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        """Add one sequence's inputs [tokens, K] of layer ``name``."""
+        path = self._files.setdefault(name, self.folder / f"{len(self._files)}.f32")
+        self._widths[path] = rows.shape[-1]
+        with path.open("ab") as out:
+            out.write(np.ascontiguousarray(rows, dtype=np.float32).data)
+
+    def share(self, name: str, first: str) -> None:
+        """``name`` reads the same tensor as ``first`` (q/k/v, gate/up): one file, one Gram."""
+        self._files[name] = self._files[first]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import torch
+
+        path = self._files[name]
+        rows = torch.from_numpy(np.fromfile(path, np.float32).reshape(-1, self._widths[path]))
+        gram = torch.zeros((rows.shape[1], rows.shape[1]), dtype=torch.float64)
+        for start in range(0, rows.shape[0], SEQUENCE):
+            flat = rows[start:start + SEQUENCE]
+            gram += flat.T @ flat
+        return gram.numpy()
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
 def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationStats:
     """Run the fp32 text decoder (+ lm_head) of an HF SmolVLM model over the calibration text."""
     import torch
 
-    stats = CalibrationStats()
+    grams = ActivationGrams.in_scratch()
+    stats = CalibrationStats(grams)
     hooks = []
-    sums: dict[str, torch.Tensor] = {}  # first reader of an input -> its summed Gram (float64)
-    alias: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: they share the first reader's Gram
     seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this forward's inputs (held, so no address is reused)
 
     def hook(name):
@@ -125,12 +194,10 @@ def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationSt
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), x.stride())
             if key in seen:
-                alias[name] = seen[key][0]
+                grams.share(name, seen[key][0])
                 return
             seen[key] = (name, x)
-            flat = x.reshape(-1, x.shape[-1]).float()
-            gram = (flat.T @ flat).double()  # fp32 products, summed in fp64 across sequences
-            sums[name] = sums[name] + gram if name in sums else gram
+            grams.append(name, x.reshape(-1, x.shape[-1]).float().numpy())
         return record
 
     modules = dict(model.named_modules())
@@ -147,8 +214,6 @@ def collect(model, spec: CalibrationSpec, tokenizer_file: Path) -> CalibrationSt
     finally:
         for h in hooks:
             h.remove()
-    arrays = {name: g.numpy() for name, g in sums.items()}
-    stats.gram = {name: arrays[alias.get(name, name)] for name in names if alias.get(name, name) in arrays}
     return stats
 
 

@@ -201,3 +201,28 @@ def test_calibrated_results_are_cached_by_weights_scheme_and_calibration(tmp_pat
     monkeypatch.setenv(calibrated.CACHE_ENV, "0")
     calibrated.quantize_weight_cached(weight, scheme, stats(), "lin")
     assert len(runs) == 4  # the switch turns the cache off
+
+
+def test_file_backed_grams_equal_the_in_memory_sum_and_leave_no_scratch(tmp_path, monkeypatch):
+    """collect() writes each layer's inputs to a scratch file and forms X^T X on read: the matrix equals the
+    fp64 sum of the per-sequence fp32 products, layers reading one tensor share it, and the scratch folder
+    goes with the object (a dead writer's folder goes with the next collect)."""
+    import torch
+
+    from smoledge.quantize.calibration import SEQUENCE, ActivationGrams
+
+    monkeypatch.setenv("SMOLEDGE_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(5)
+    stale = tmp_path / "quant" / "collect-999999999-x"
+    stale.mkdir(parents=True)
+    grams = ActivationGrams.in_scratch()
+    assert not stale.exists() and grams.folder.parent == tmp_path / "quant"
+    seqs = [_correlated(rng, SEQUENCE, 96), _correlated(rng, SEQUENCE // 2, 96)]
+    for seq in seqs:
+        grams.append("q", seq)
+    grams.share("k", "q")
+    expected = sum((torch.from_numpy(s).T @ torch.from_numpy(s)).double() for s in seqs).numpy()
+    assert set(grams) == {"q", "k"} and np.array_equal(grams["q"], expected) and np.array_equal(grams["k"], expected)
+    folder = grams.folder
+    del grams
+    assert not folder.exists()

@@ -123,8 +123,10 @@ def apply_calibrated(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], s
     replaced: dict[str, tuple[onnx.NodeProto, list]] = {}
     for group in _by_input(nodes, stats):
         # linears reading one tensor (q/k/v, gate/up) share a Hessian: quantize them side by side
-        weights = [numpy_helper.to_array(inits[nodes[n].input[1]]).astype(np.float32) for n in group]
-        q, grid = quantize_weight_cached(np.concatenate(weights, axis=1), scheme, stats, group[0])
+        weights = [numpy_helper.to_array(inits[nodes[n].input[1]]).astype(np.float32, copy=False) for n in group]
+        joined = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)  # no copy of lm_head
+        q, grid = quantize_weight_cached(joined, scheme, stats, group[0])
+        del joined
         start = 0
         for name, weight in zip(group, weights):
             stop = start + weight.shape[1]

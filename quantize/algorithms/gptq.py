@@ -24,14 +24,20 @@ _COLUMNS_PER_STEP = 64
 
 
 def _inverse_cholesky(gram: np.ndarray, damp: float):
-    """(upper Cholesky factor of the damped inverse Hessian as float32 torch, mask of channels never excited)."""
+    """(upper Cholesky factor of the damped inverse Hessian as float32 torch, mask of channels never excited);
+    overwrites ``gram``."""
     import torch
 
-    hess = torch.from_numpy(gram.astype(np.float64))
+    # ``gram`` is the caller's scratch copy: damped in place, and each fp64 K x K step frees the one before
+    # (down_proj's 8192^2 is 537 MB a copy at 2.2B)
+    hess = torch.from_numpy(gram.astype(np.float64, copy=False))
     dead = torch.diagonal(hess) == 0
     hess[dead, dead] = 1.0
     hess.diagonal().add_(damp * float(torch.diagonal(hess).mean()))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hess))
+    factor = torch.linalg.cholesky(hess)
+    del hess
+    inverse = torch.cholesky_inverse(factor)
+    del factor
     return torch.linalg.cholesky(inverse, upper=True).float(), dead.numpy()
 
 
@@ -46,17 +52,17 @@ def gptq(weight: np.ndarray, gram: np.ndarray, grid: Grid, damp: float = 0.01, a
     hinv, dead = _inverse_cholesky(gram[np.ix_(order, order)], damp)
     w = torch.from_numpy(np.ascontiguousarray(weight[order], dtype=np.float32))  # [K, N] in rounding order
     w[torch.from_numpy(dead)] = 0.0
-    group = torch.from_numpy(order // block)
-    scale = torch.from_numpy(np.ascontiguousarray(grid.scale.T, dtype=np.float32))[group]  # [K, N]
-    zero = torch.from_numpy(np.ascontiguousarray(grid.zero.T, dtype=np.float32))[group]
+    group = (order // block).tolist()  # each rounded channel's block: its row of the [k_blocks, N] grid
+    scale = torch.from_numpy(np.ascontiguousarray(grid.scale.T, dtype=np.float32))
+    zero = torch.from_numpy(np.ascontiguousarray(grid.zero.T, dtype=np.float32))
     qmax = float(2 ** grid.bits - 1)
-    q_all = torch.empty((k, n), dtype=torch.float32)
+    q_all = torch.empty((k, n), dtype=torch.uint8)  # integers in [0, qmax], stored exactly
     with torch.no_grad():
         for start in range(0, k, _COLUMNS_PER_STEP):
             stop = min(start + _COLUMNS_PER_STEP, k)
             chunk, h = w[start:stop], hinv[start:stop, start:stop]
             for i in range(stop - start):
-                row, s, z = chunk[i], scale[start + i], zero[start + i]
+                row, s, z = chunk[i], scale[group[start + i]], zero[group[start + i]]
                 q = torch.clamp(torch.round(row / s) + z, 0.0, qmax)
                 q_all[start + i] = q
                 err = (row - (q - z) * s) / h[i, i]
@@ -66,6 +72,6 @@ def gptq(weight: np.ndarray, gram: np.ndarray, grid: Grid, damp: float = 0.01, a
                 w[stop:].addmm_(hinv[start:stop, stop:].T, chunk, alpha=-1.0)
     k_blocks = grid.scale.shape[1]
     padded = np.empty((n, k_blocks * block), np.uint8)
-    padded[:, order] = q_all.numpy().astype(np.uint8).T
+    padded[:, order] = q_all.numpy().T
     padded[:, k:] = grid.zero[:, -1:]  # padding dequantizes to 0
     return padded.reshape(n, k_blocks, block)
