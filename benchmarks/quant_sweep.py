@@ -88,7 +88,7 @@ def candidates() -> dict[str, Recipe]:
     out["gptq sym b64, v/down gptq b32, embed sym b64"] = candidate(
         "gptq-b64-vd32", g64, rule("*.self_attn.v_proj", 4, 32, True, "gptq"),
         rule("*.mlp.down_proj", 4, 32, True, "gptq"), embed=rule(EMBED, 4, 64, True))
-    out["int4 (default): rtn, lm_head / v / down 8-bit"] = load_recipe("int4")
+    out["int4 (the default before int4-mixed): rtn, lm_head / v / down 8-bit"] = load_recipe("int4")
     for algo in ("gptq", "rtn", "importance"):
         out[f"{algo} sym b128, lm_head int8 b128, embed b128"] = candidate(
             f"{algo}-b128-head8", rule("*", 4, 128, True, algo), head=head8, embed=e128)
