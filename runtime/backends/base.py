@@ -3,9 +3,12 @@ is shared in :mod:`smoledge.runtime.generate` and :mod:`smoledge.runtime.pipelin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import numpy as np
+
+from smoledge.errors import ConfigError
 
 
 class Backend(Protocol):
@@ -25,3 +28,14 @@ class Backend(Protocol):
     def step(self, inputs_embeds: np.ndarray, cache: Any) -> np.ndarray:
         """Run the decoder on [1,S,hidden] after what ``cache`` holds; advance the cache by S and
         return the last position's logits [vocab] float32."""
+
+
+def backend_options(cls, backend: str, options: dict):
+    """``cls(**options)``, where an option ``cls`` does not have (a device profile's ``backend_options`` reach a
+    backend's ``load`` as given) is a ConfigError naming the backend's options."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"the {backend} backend has no option {', '.join(map(repr, unknown))}",
+                          hint=f"its options: {', '.join(sorted(known))}")
+    return cls(**options)

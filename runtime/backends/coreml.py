@@ -22,6 +22,7 @@ import numpy as np
 
 from smoledge.errors import (BackendError, BackendUnavailableError, BundleError, ConfigError, InputError,
                              PromptTooLongError, install_hint)
+from smoledge.runtime.backends.base import backend_options
 from smoledge.runtime.bundle import Bundle
 
 FORMAT = "coreml"
@@ -135,7 +136,7 @@ def check_platform() -> None:
 
 def load(bundle: Bundle, **options) -> CoreMLBackend:
     check_platform()
-    opts = CoreMLOptions(**options)
+    opts = backend_options(CoreMLOptions, FORMAT, options)
     if opts.compute_units not in COMPUTE_UNITS:
         raise ConfigError(f"unknown Core ML compute units {opts.compute_units!r}",
                           hint=f"use one of {', '.join(COMPUTE_UNITS)}")

@@ -34,6 +34,7 @@ import numpy as np
 
 from smoledge.errors import (BackendError, BackendUnavailableError, BundleError, ConfigError, InputError,
                              PromptTooLongError, install_hint)
+from smoledge.runtime.backends.base import backend_options
 from smoledge.runtime.bundle import Bundle
 
 FORMAT = "executorch"
@@ -276,4 +277,4 @@ class ExecutorchBackend:
 
 
 def load(bundle: Bundle, **options) -> ExecutorchBackend:
-    return ExecutorchBackend(bundle, ExecutorchOptions(**options))
+    return ExecutorchBackend(bundle, backend_options(ExecutorchOptions, FORMAT, options))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from smoledge.errors import BackendError, BackendUnavailableError, BundleError, ConfigError
+from smoledge.runtime.backends.base import backend_options
 from smoledge.runtime.bundle import Bundle
 from smoledge.runtime.manifest import Graph
 
@@ -212,9 +213,4 @@ def _kv_dtype(recorded: str | None):
 
 
 def load(bundle: Bundle, **options) -> OnnxBackend:
-    known = set(OnnxOptions.__dataclass_fields__)
-    unknown = sorted(set(options) - known)
-    if unknown:  # a device profile's backend_options reach here as given
-        raise ConfigError(f"the onnx backend has no option {', '.join(map(repr, unknown))}",
-                          hint=f"its options: {', '.join(sorted(known))}")
-    return OnnxBackend(bundle, OnnxOptions(**options))
+    return OnnxBackend(bundle, backend_options(OnnxOptions, FORMAT, options))
