@@ -107,8 +107,8 @@ def _fallbacks(recipe_name: str, formats: tuple[str, ...]) -> str:
     from smoledge.quantize.recipe import load_recipe
 
     recipe = load_recipe(recipe_name)
-    took = [f"{fmt} takes {recipe.for_format(fmt).name}" for fmt in formats if recipe.for_format(fmt) is not recipe]
-    return "".join(f"; {t}" for t in took)
+    chosen = {fmt: recipe.for_format(fmt) for fmt in formats}
+    return "".join(f"; {fmt} takes {r.name}" for fmt, r in chosen.items() if r is not recipe)
 
 
 def _export(model: str, revision: str | None, out: Path, recipe_name: str, formats: tuple[str, ...]) -> None:
