@@ -3,7 +3,8 @@ logits for the positions asked for only, and the all-positions path fidelity sco
 
 ``tests/fixtures/decoder_tokens_v2.json`` holds the greedy tokens of the decoder before this change (the
 concatenating-cache graph), recorded on the tiny model for 32 steps: text only, one image, two images, on the
-fp32 and the default int4 bundles.  The new decoder must give the same tokens.
+fp32 and the default int4 bundles.  The new decoder must give the same tokens (int4: teacher-forced, within a
+stated near-tie margin, since MatMulNBits' int8 kernels differ between CPUs).
 
 The KV cache dtype is the recipe's ``kv_cache`` (every built-in recipe: float32; docs/decoder.md says why).  An
 fp16 cache is checked against the fp32 one at a stated logit tolerance; on fp32 weights it keeps the fixture's
@@ -57,11 +58,37 @@ def tiny_int4_kv16_bundle(tiny_model_dir, tmp_path_factory, export_with_kv_cache
     return export_with_kv_cache(tiny_model_dir, tmp_path_factory.mktemp("kv") / "int4-kv16", "int4", "float16")
 
 
+# int4: how far below the argmax a recorded token's logit may be.  MatMulNBits quantizes activations to int8 and
+# sums in an order that depends on the CPU's kernel (AVX-512 VNNI where the fixture was recorded, AVX2 elsewhere):
+# on an AVX2-only EPYC the two-image case's step 28 is a near tie (top-2 margin 0.011) that flips
+INT4_TIE = 0.05
+
+
 @pytest.mark.parametrize("recipe", ["fp32", "int4"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_tokens_equal_the_decoder_before_gqa(recipe, case, recorded, tiny_fp32_bundle, tiny_int4_bundle):
+    """fp32: the same greedy tokens.  int4: teacher-forced along the recorded tokens, each one is the argmax or
+    within ``INT4_TIE`` of it (a near tie the CPU's int8 kernel may break either way), and most are the argmax."""
     bundle = {"fp32": tiny_fp32_bundle, "int4": tiny_int4_bundle}[recipe]
-    assert greedy_tokens(_pipe(bundle), case) == recorded["tokens"][recipe][case]
+    tokens = recorded["tokens"][recipe][case]
+    if recipe == "fp32":
+        assert greedy_tokens(_pipe(bundle), case) == tokens
+        return
+    gaps = _teacher_forced_gaps(_pipe(bundle), case, tokens)
+    assert max(gaps) <= INT4_TIE, gaps
+    assert sum(g == 0 for g in gaps) >= len(gaps) - 2, gaps
+
+
+def _teacher_forced_gaps(pipe, case: str, tokens: list[int]) -> list[float]:
+    """For each of ``tokens`` fed in turn: the argmax logit minus that token's logit at its step."""
+    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    prepared = pipe.prepare(ChatRequest((Message.user(TEXT, images),), SamplingConfig(max_new_tokens=len(tokens))))
+    cache = pipe.backend.new_cache(prepared.input_ids.shape[1] + len(tokens))
+    logits, gaps = pipe.backend.step(pipe.prompt_embeds(prepared), cache), []
+    for token in tokens:
+        gaps.append(float(logits.max() - logits[token]))
+        logits = pipe.backend.step(pipe.backend.embed(np.array([[token]], dtype=np.int64)), cache)
+    return gaps
 
 
 _PIPES: dict = {}
@@ -155,10 +182,12 @@ def test_a_bundle_with_the_old_decoder_is_told_to_re_export(tiny_fp32_bundle, tm
     assert "re-export" in (err.value.hint or "") + str(err.value)
 
 
-@pytest.mark.parametrize("mode, at_load, after", [("lazy", False, True), ("keep", True, True), ("release", False, False)])
+@pytest.mark.parametrize("mode, at_load, after", [("lazy", False, True), ("keep", True, True), ("release", False, False),
+                                                   ("exclusive", False, False)])
 def test_the_vision_session_exists_only_when_asked(mode, at_load, after, tiny_fp32_bundle):
     """lazy: created by the first image (a text-only answer never loads it); keep: at load; release: freed after
-    each image request, so decoding runs without it."""
+    each image request, so decoding runs without it; exclusive: as release (and the decoder is freed while it runs,
+    tests/test_vision_memory.py)."""
     pipe = load(tiny_fp32_bundle, vision_session=mode)
     assert ("vision_encoder" in pipe.backend.sessions) is at_load
     assert greedy_tokens(pipe, "one-image", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["one-image"][:4]
