@@ -212,10 +212,13 @@ class Calibration:
     speed: SpeedFigures
     memory: MeasuredMemory | None
     model_id: str = ""
+    # the backend options it was measured with (a profile's backend_options for this format; {} = the defaults):
+    # the router applies the record only to a backend loaded with the same ones
+    options: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"bundle": self.bundle, "backend": self.backend, "device": self.device, "model_id": self.model_id,
-                "speed": self.speed.to_json(),
+                "options": dict(self.options), "speed": self.speed.to_json(),
                 "memory": None if self.memory is None else _dump_measured(self.memory)}
 
 
@@ -265,8 +268,11 @@ def load_calibration(cache_dir: Path, bundle: str, backend: str, device: str | N
                                float(speed["decode_tok_s"]), source=str(speed.get("source", "calibrated")))
         measured = data.get("memory")
         memory = None if measured is None else MeasuredMemory.from_dict(measured, str(path))
+        options = data.get("options", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be an object, got {options!r}")
         return Calibration(str(data["bundle"]), str(data["backend"]), str(data["device"]), figures, memory,
-                           str(data.get("model_id", "")))
+                           str(data.get("model_id", "")), options)
     except (OSError, ValueError, KeyError, TypeError, SmolEdgeError) as err:
         raise ConfigError(f"calibration file {path} is unreadable: {err}",
                           hint="delete it and run `smoledge doctor --bundle B --calibrate` again") from err
@@ -300,12 +306,19 @@ def engine_format(engine) -> str | None:
 
 
 def calibrated_profile(profile: DeviceProfile, engine, cache_dir: Path | None) -> DeviceProfile:
-    """``profile`` with the calibration of ``engine``'s bundle and backend on this device, if one is stored."""
+    """``profile`` with the calibration of ``engine``'s bundle and backend on this device, if one is stored and
+    was measured with the backend options this profile loads the backend with (``vision_session="exclusive"``
+    peaks lower than the default: one measured with other options would mislead the router)."""
     if cache_dir is None or engine is None:
         return profile
     backend = engine_format(engine) or "onnx"
-    return apply_calibration(profile, load_calibration(cache_dir, bundle_key(engine.manifest), backend,
-                                                       _this_device()))
+    record = load_calibration(cache_dir, bundle_key(engine.manifest), backend, _this_device())
+    return apply_calibration(profile, record if calibration_applies(record, profile, backend) else None)
+
+
+def calibration_applies(record: Calibration | None, profile: DeviceProfile, backend: str) -> bool:
+    """Whether ``record`` was measured with the options ``profile`` gives ``backend``."""
+    return record is not None and record.options == profile.options_for(backend)
 
 
 @functools.lru_cache(maxsize=1)

@@ -68,12 +68,14 @@ def probe_set(manifest) -> tuple[Probe, ...]:
 
 
 def measure_memory(bundle: Path, fmt: str, *, vision_batch: int = 4, probes: tuple[Probe, ...] | None = None,
-                   timeout_s: float = 300.0) -> MeasuredMemory:
-    """The memory figures of ``fmt`` in ``bundle``, from one child process per probe (see the module doc)."""
+                   timeout_s: float = 300.0, options: dict | None = None) -> MeasuredMemory:
+    """The memory figures of ``fmt`` in ``bundle``, from one child process per probe (see the module doc), the
+    backend loaded with ``options``."""
     from smoledge.runtime.bundle import open_bundle
 
     manifest = open_bundle(bundle, verify=False).manifest
-    results = [run_probe(bundle, fmt, p, timeout_s=timeout_s) for p in (probes or probe_set(manifest))]
+    results = [run_probe(bundle, fmt, p, timeout_s=timeout_s, options=options)
+               for p in (probes or probe_set(manifest))]
     return fit(results, manifest, vision_batch)
 
 

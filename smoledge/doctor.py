@@ -25,6 +25,7 @@ from smoledge.cloud_fallback.profiles import (
     DeviceProfile,
     apply_calibration,
     bundle_key,
+    calibration_applies,
     detect_machine,
     device_id,
     engine_format,
@@ -60,15 +61,20 @@ def main(args: argparse.Namespace) -> int:
     report["cloud"] = cloud_check(report)
     profile = load_profile(name)
     if args.bundle is not None:
-        engine = load_engine(args.bundle)
+        options = profile.options_for("onnx")  # the runtime's default backend, loaded as run and serve load it
+        engine = load_engine(args.bundle, options)
         key, backend = bundle_key(engine.manifest), engine_format(engine) or "onnx"
         if args.calibrate:
-            record = calibrate_bundle(engine, key, backend, report["device"])
+            record = calibrate_bundle(engine, key, backend, report["device"], options)
             report["calibration_file"] = str(save_calibration(cache_dir, record))
         record = load_calibration(cache_dir, key, backend, report["device"])
-        profile = apply_calibration(profile, record)
+        applies = calibration_applies(record, profile, backend)
+        if record is not None and not applies:
+            report["calibration_ignored"] = (f"measured with backend options {record.options or 'the defaults'}, "
+                                             f"not this profile's {profile.options_for(backend) or 'defaults'}")
+        profile = apply_calibration(profile, record if applies else None)
         report["bundle"] = {"path": str(args.bundle), "model_id": engine.manifest.source.model_id, "key": key,
-                            "backend": backend, "calibrated": record is not None,
+                            "backend": backend, "calibrated": applies,
                             **asdict(capabilities(engine.manifest, profile, backend=backend))}
     report["legacy_calibrations"] = [str(p) for p in legacy_calibrations(cache_dir)]
     report["profile"] = asdict(profile)
@@ -76,27 +82,30 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibrate_bundle(engine, key: str, backend: str, device: str) -> Calibration:
-    """Speed from a short run of ``engine``; peak memory from child processes loading its bundle folder."""
+def calibrate_bundle(engine, key: str, backend: str, device: str, options: dict | None = None) -> Calibration:
+    """Speed from a short run of ``engine``; peak memory from child processes loading its bundle folder with the
+    same backend ``options`` (a profile's), which the record keeps."""
     speed = calibrate(engine)
     memory = None
     folder = getattr(getattr(engine, "bundle", None), "path", None)
     if folder is not None:
         from smoledge.runtime.memory_probe import measure_memory
 
-        options = getattr(getattr(engine, "backend", None), "options", None)
-        memory = measure_memory(Path(folder), backend, vision_batch=getattr(options, "vision_batch", 4))
-    return Calibration(key, backend, device, speed, memory, engine.manifest.source.model_id)
+        loaded = getattr(getattr(engine, "backend", None), "options", None)
+        memory = measure_memory(Path(folder), backend, vision_batch=getattr(loaded, "vision_batch", 4),
+                                options=options)
+    return Calibration(key, backend, device, speed, memory, engine.manifest.source.model_id, dict(options or {}))
 
 
-def load_engine(bundle: Path):
-    """The runtime's engine for ``bundle`` (imported here so ``doctor`` works without a runtime)."""
+def load_engine(bundle: Path, options: dict | None = None):
+    """The runtime's engine for ``bundle``, its backend loaded with ``options`` (imported here so ``doctor`` works
+    without a runtime)."""
     try:
         from smoledge.runtime import load
     except ImportError as err:
         raise BackendUnavailableError("the local runtime (smoledge.runtime.load) is not available in this install",
                                       hint="install smoledge with its runtime, or run doctor without --bundle") from err
-    return load(bundle)
+    return load(bundle, **(options or {}))
 
 
 def cloud_check(report: dict, env=None) -> dict:
@@ -152,6 +161,9 @@ def render(report: dict, profile: DeviceProfile) -> str:
         lines += _bundle_lines(bundle)
     if "calibration_file" in report:
         lines.append(f"calibration stored in {report['calibration_file']}")
+    elif "calibration_ignored" in report:
+        lines.append(f"this device's calibration of the bundle is not applied: {report['calibration_ignored']}; "
+                     "run `smoledge doctor --bundle B --profile P --calibrate` with the profile you run with")
     elif not (bundle and bundle["calibrated"]):
         lines.append("speed and memory are not measured on this device for a bundle; "
                      "run `smoledge doctor --bundle B --calibrate`")

@@ -95,7 +95,13 @@ def test_calibration_measures_the_engine():
 
 
 def test_doctor_calibrates_a_bundle_and_stores_it_per_device(env, capsys, monkeypatch):
-    monkeypatch.setattr(doctor, "load_engine", lambda bundle: CannedEngine(first_delay_s=0.01, delay_s=0.002))
+    loaded = []
+
+    def load_engine(bundle, options=None):
+        loaded.append(options)
+        return CannedEngine(first_delay_s=0.01, delay_s=0.002)
+
+    monkeypatch.setattr(doctor, "load_engine", load_engine)
     assert cli.main(["doctor", "--bundle", "some/bundle", "--calibrate", "--profile", "raspberry-pi-5-8gb"]) == 0
     out = capsys.readouterr().out
     assert "calibration stored in" in out and "bundle some/bundle (HuggingFaceTB/SmolVLM2-256M-Video-Instruct)" in out
@@ -103,6 +109,14 @@ def test_doctor_calibrates_a_bundle_and_stores_it_per_device(env, capsys, monkey
 
     record = load_calibration(env, bundle_key(CannedEngine().manifest), "onnx")  # per bundle and device
     assert record.speed.source.startswith("calibrated") and record.memory is None  # no bundle folder to probe
+    assert loaded == [{}] and record.options == {}
+    # the 4 GB Pi loads the backend its own way: the 8 GB record is not applied there, and says why
+    assert cli.main(["doctor", "--bundle", "some/bundle", "--profile", "raspberry-pi-5-4gb"]) == 0
+    out = capsys.readouterr().out
+    assert loaded[-1] == {"vision_session": "exclusive"}
+    assert "calibration of the bundle is not applied: measured with backend options the defaults" in out
+    assert cli.main(["doctor", "--bundle", "some/bundle", "--calibrate", "--profile", "raspberry-pi-5-4gb"]) == 0
+    assert load_calibration(env, bundle_key(CannedEngine().manifest), "onnx").options == loaded[-1]
 
 
 def test_doctor_with_a_bundle_and_no_runtime_says_what_to_do(env, capsys):

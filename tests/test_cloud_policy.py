@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from test_cloud_fakes import MANIFEST
@@ -211,6 +212,22 @@ def test_stored_calibration_is_per_bundle_and_device(tmp_path):
     assert load_calibration(tmp_path, bundle_key(MANIFEST), "onnx", device="riscv64-1c-1g-cpu") is None
     p = apply_calibration(PI4, load_calibration(tmp_path, bundle_key(MANIFEST), "onnx"))
     assert p.speed.prefill_tok_s == 99.0 and p.memory_budget_bytes == PI4.memory_budget_bytes
+
+
+def test_a_calibration_applies_only_to_the_backend_options_it_was_measured_with(tmp_path):
+    """A record keeps the backend options its probes loaded the backend with; the router applies it only where the
+    profile loads the backend the same way (an exclusive-mode peak says nothing of a default-mode one)."""
+    from smoledge.cloud_fallback.profiles import calibrated_profile
+
+    engine = SimpleNamespace(manifest=MANIFEST, backend=SimpleNamespace(name="onnx"))
+    speed = SpeedFigures(0.5, 99.0, 9.0, "calibrated 2026-01-01")
+    save_calibration(tmp_path, Calibration(bundle_key(MANIFEST), "onnx", device_id(), speed, None, "m",
+                                           {"vision_session": "exclusive"}))
+    assert load_calibration(tmp_path, bundle_key(MANIFEST), "onnx").options == {"vision_session": "exclusive"}
+    assert PI4.options_for("onnx") != {"vision_session": "exclusive"}
+    assert calibrated_profile(PI4, engine, tmp_path).speed == PI4.speed  # measured another way: not applied
+    pi_exclusive = replace(PI4, backend_options={"onnx": {"vision_session": "exclusive"}})
+    assert calibrated_profile(pi_exclusive, engine, tmp_path).speed == speed
 
 
 def test_old_per_profile_calibrations_are_ignored(tmp_path):

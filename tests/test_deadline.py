@@ -12,15 +12,19 @@ from test_cloud_fakes import LOCAL_TEXT, CannedEngine, Reply, make_config, reque
 from smoledge.cloud_fallback import PolicyConfig, answer_text
 from smoledge.cloud_fallback.answer import answer
 from smoledge.cloud_fallback.policy import LocalHealth
-from smoledge.cloud_fallback.profiles import Calibration, SpeedFigures, bundle_key, device_id, save_calibration
+from smoledge.cloud_fallback.profiles import (Calibration, SpeedFigures, bundle_key, device_id, load_profile,
+                                             save_calibration)
 from smoledge.errors import CloudDisabledError, FallbackFailedError
 
 SLOW = SpeedFigures(tile_encode_s=1.0, prefill_tok_s=20.0, decode_tok_s=2.0, source="calibrated 2026-12-01")
 
 
 def _calibrate(cache_dir, speed: SpeedFigures = SLOW) -> None:
-    """A stored calibration of the CannedEngine's bundle on this device (what doctor --calibrate writes)."""
-    save_calibration(cache_dir, Calibration(bundle_key(CannedEngine().manifest), "onnx", device_id(), speed, None))
+    """A stored calibration of the CannedEngine's bundle on this device (what `doctor --profile
+    raspberry-pi-5-4gb --calibrate` writes: measured with that profile's backend options)."""
+    options = load_profile("raspberry-pi-5-4gb").options_for("onnx")
+    save_calibration(cache_dir, Calibration(bundle_key(CannedEngine().manifest), "onnx", device_id(), speed, None,
+                                            options=options))
 
 
 def test_an_uncalibrated_prediction_over_the_deadline_tries_local_first(tmp_path, router):  # noqa: F811

@@ -21,15 +21,16 @@ from smoledge.runtime.types import RequestShape
 TOLERANCE = 0.15
 
 
-def _errors(bundle, probes, profile=None):
-    """(probe, measured peak, estimate, formula estimate) for each held-out probe."""
+def _errors(bundle, probes, profile=None, options=None):
+    """(probe, measured peak, estimate, formula estimate) for each held-out probe (the backend loaded with
+    ``options``)."""
     manifest = open_bundle(bundle, verify=False).manifest
     profile = profile or load_profile("auto")
     formula = type(manifest.memory)(**{**manifest.memory.__dict__, "measured": {}})
     rows = []
     for probe in probes:
         assert probe not in probe_set(manifest), "held out: not a request the figures were fitted on"
-        got = run_probe(bundle, "onnx", probe)
+        got = run_probe(bundle, "onnx", probe, options=options)
         shape = RequestShape(got.prompt_tokens, probe.new_tokens, image_tiles=got.tiles, images=probe.images)
         est = estimate(shape, manifest, profile, "onnx")
         old = estimate(shape, manifest.__class__(**{**manifest.__dict__, "memory": formula}), load_profile("auto"))
@@ -83,4 +84,27 @@ def test_realtext_estimate_matches_measured_peaks(realtext_int4_bundle):
     held_out = [Probe(1024), Probe(1, tile, images=5), Probe(300, tile, images=3), Probe(1, tile, images=10)]
     rows = _errors(realtext_int4_bundle, held_out)
     assert [r[1].tiles for r in rows] == [0, 5, 3, 10]
+    _check(rows)
+
+
+@pytest.mark.slow
+def test_realtext_exclusive_mode_peaks_lower_and_its_calibration_predicts_it(realtext_int4_bundle):
+    """vision_session="exclusive" (the 4 GB Pi's): the decoder's weights are not resident while the vision encoder
+    runs, so an image request peaks lower by about the decoder's packed weights; figures measured in that mode
+    (what `doctor --profile raspberry-pi-5-4gb --calibrate` stores) predict other requests in it within +-15%."""
+    from dataclasses import replace
+
+    from smoledge.runtime.memory_probe import measure_memory
+
+    options = {"vision_session": "exclusive"}
+    manifest = open_bundle(realtext_int4_bundle, verify=False).manifest
+    tile = (manifest.image.tile_size, manifest.image.tile_size)
+    decoder_bytes = manifest.artifacts["onnx"].graphs["decoder"].bytes
+    lazy = run_probe(realtext_int4_bundle, "onnx", Probe(1, tile, images=2))
+    alone = run_probe(realtext_int4_bundle, "onnx", Probe(1, tile, images=2), options=options)
+    assert alone.peak_rss < lazy.peak_rss - decoder_bytes // 2, (alone.peak_rss, lazy.peak_rss, decoder_bytes)
+    measured = measure_memory(realtext_int4_bundle, "onnx", options=options)
+    profile = replace(load_profile("auto"), memory=measured, backend_options={"onnx": options})
+    rows = _errors(realtext_int4_bundle, [Probe(1, tile, images=5), Probe(300, tile, images=3)], profile, options)
+    assert all(est.memory_source == "calibrated" for _, _, est, _ in rows)
     _check(rows)

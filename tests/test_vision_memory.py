@@ -47,27 +47,48 @@ def test_vision_calls_and_prefills_shrink_the_arena_unless_told_not_to(options, 
     assert greedy_tokens(pipe, "one-image", 4) == json.loads(FIXTURE.read_text())["tokens"]["fp32"]["one-image"][:4]
 
 
+@pytest.mark.parametrize("case", ["one-image", "two-images"])
+def test_the_exclusive_mode_frees_the_decoder_while_it_encodes_and_answers_the_same(case, tiny_fp32_bundle):
+    """vision_session="exclusive": the decoder's session is gone while the vision encoder runs and the vision
+    encoder's after it; the prefill creates the decoder again, the KV cache (the backend's own buffers) is not
+    touched, and the greedy tokens are the recorded ones."""
+    pipe = load(tiny_fp32_bundle, vision_session="exclusive")
+    backend, held = pipe.backend, []
+    encode = backend.encode_images
+
+    def watching(*args):
+        held.append(sorted(backend.sessions))  # before the encode: the decoder is still there
+        out = encode(*args)
+        held.append(sorted(backend.sessions))
+        return out
+
+    backend.encode_images = watching
+    assert greedy_tokens(pipe, case, 8) == json.loads(FIXTURE.read_text())["tokens"]["fp32"][case][:8]
+    assert held[0] == ["decoder", "embed_tokens"] and held[-1] == ["embed_tokens"]
+    assert sorted(backend.sessions) == ["decoder", "embed_tokens"]  # the prefill loaded it again
+
+
 def test_an_unknown_backend_option_is_a_config_error(tiny_fp32_bundle):
     with pytest.raises(ConfigError, match="no option 'vision_sesion'") as err:
         load(tiny_fp32_bundle, vision_sesion="release")
     assert "vision_session" in err.value.hint
 
 
-def test_the_4gb_pi_profile_releases_the_vision_session(tiny_fp32_bundle):
+def test_the_4gb_pi_profile_runs_the_vision_session_exclusively(tiny_fp32_bundle):
     """The profile's backend_options reach the backend the CLI loads (run and serve share load_pipeline), and a
     flag given on the command line still wins over the profile."""
     from smoledge.run import load_pipeline
 
     pi = load_profile("raspberry-pi-5-4gb")
-    assert pi.options_for("onnx") == {"vision_session": "release"} and pi.options_for("executorch") == {}
+    assert pi.options_for("onnx") == {"vision_session": "exclusive"} and pi.options_for("executorch") == {}
     assert load_profile("raspberry-pi-5-8gb").options_for("onnx") == {}
     args = argparse.Namespace(backend=None, threads=0, providers=None)
     pipe = load_pipeline(tiny_fp32_bundle, args, verify=False, profile=pi)
-    assert pipe.backend.options.vision_session == "release" and "vision_encoder" not in pipe.backend.sessions
+    assert pipe.backend.options.vision_session == "exclusive" and "vision_encoder" not in pipe.backend.sessions
     assert load_pipeline(tiny_fp32_bundle, args, verify=False).backend.options.vision_session == "lazy"
     args = argparse.Namespace(backend="onnx", threads=1, providers=None)
     pipe = load_pipeline(tiny_fp32_bundle, args, verify=False, profile=pi)
-    assert pipe.backend.options.threads == 1 and pipe.backend.options.vision_session == "release"
+    assert pipe.backend.options.threads == 1 and pipe.backend.options.vision_session == "exclusive"
 
 
 def test_malformed_backend_options_in_a_profile_are_a_config_error():

@@ -28,7 +28,7 @@ from smoledge.runtime.bundle import Bundle
 from smoledge.runtime.manifest import Graph
 
 FORMAT = "onnx"
-VISION_SESSION = ("lazy", "keep", "release")
+VISION_SESSION = ("lazy", "keep", "release", "exclusive")
 # --providers may name an execution provider by its short name; anything else passes through unchanged.
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider",
@@ -60,7 +60,9 @@ class OnnxOptions:
     threads: int = 0  # 0 = onnxruntime's default (all physical cores)
     vision_batch: int = 4  # tiles per vision-encoder call (bounds peak memory)
     # when the vision encoder's session exists: "lazy" (created by the first image, then kept), "keep" (created
-    # at load), "release" (created per image request and freed after it: least memory while decoding)
+    # at load), "release" (created per image request and freed after it: least memory while decoding),
+    # "exclusive" (as release, and the decoder's session is freed while it runs and created again for the prefill:
+    # the two graphs' weights are never resident together; each image request reloads the decoder)
     vision_session: str = "lazy"
     # onnxruntime's CPU arena keeps the largest activations ever needed (a long prefill) for the process's life;
     # off, each run's activations are freed after it
@@ -91,7 +93,7 @@ class OnnxBackend:
                 hint=f"available here: {', '.join(available)}")
         if options.vision_session not in VISION_SESSION:
             raise ConfigError(f"vision_session {options.vision_session!r} is not one of {', '.join(VISION_SESSION)}",
-                              hint="lazy (default), keep or release")
+                              hint="lazy (default), keep, release or exclusive")
         self._bundle, self._graphs = bundle, section.graphs
         self._sess_opts = {name: _session_options(ort, options, vision=name == "vision_encoder")
                            for name in section.graphs}
@@ -127,11 +129,15 @@ class OnnxBackend:
         except Exception as err:
             raise BackendError(f"onnxruntime failed in {graph}: {str(err).splitlines()[0][:200]}") from err
 
+    def _ensure(self, name: str) -> None:
+        """Create ``name``'s session if this backend does not hold it now (lazy vision, the exclusive mode)."""
+        if name not in self.sessions:
+            self.sessions[name] = self._session(self._ort, self._bundle, self._graphs[name], self._sess_opts[name])
+
     def encode_images(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
-        if "vision_encoder" not in self.sessions:
-            graph = self._graphs["vision_encoder"]
-            self.sessions["vision_encoder"] = self._session(self._ort, self._bundle, graph,
-                                                            self._sess_opts["vision_encoder"])
+        if self.options.vision_session == "exclusive":
+            self.sessions.pop("decoder", None)  # its packed weights go back before the vision weights load
+        self._ensure("vision_encoder")
         step = max(1, self.options.vision_batch)
         try:
             parts = [self._run("vision_encoder", {"pixel_values": pixel_values[i:i + step],
@@ -139,8 +145,8 @@ class OnnxBackend:
                                run_options=self._shrink)[0]
                      for i in range(0, len(pixel_values), step)]
         finally:
-            if self.options.vision_session == "release":
-                del self.sessions["vision_encoder"]
+            if self.options.vision_session in ("release", "exclusive"):
+                self.sessions.pop("vision_encoder", None)
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -163,6 +169,7 @@ class OnnxBackend:
         total = cache.length + seq
         if total > cache.max_length:
             raise BackendError(f"the KV cache holds {cache.max_length} positions; this step needs {total}")
+        self._ensure("decoder")  # freed by an exclusive-mode image encode
         binding = self.sessions["decoder"].io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
