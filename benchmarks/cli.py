@@ -35,6 +35,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity", action=argparse.BooleanOptionalAction, default=None,
                         help="measure KL / top-1 vs fp32 (default: on at realtext, off at full)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per measured pass")
+    parser.add_argument("--profile", default=None, metavar="P",
+                        help="also measure each of our bundles with device profile P's backend options "
+                        "(e.g. raspberry-pi-5-4gb: the ONNX vision session exclusive), as a second subject")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -47,12 +50,16 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     for bundle in args.bundle:
         if not (bundle / "manifest.json").is_file():
             raise ConfigError(f"{bundle} is not a bundle folder (no manifest.json)", hint="give an exported bundle")
+    if args.profile:
+        from smoledge.cloud_fallback.profiles import load_profile
+
+        load_profile(args.profile)  # an unknown name is a ConfigError before anything is built
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     try:
         return BenchSettings(size=args.size, bundles=tuple(args.bundle), formats=formats, peers=peers,
                              repeats=repeats, threads=args.threads, out=args.out, quick=args.quick,
-                             fidelity=args.fidelity, worker_timeout_s=args.timeout)
+                             fidelity=args.fidelity, worker_timeout_s=args.timeout, profile=args.profile)
     except ValueError as err:
         raise ConfigError(str(err), hint="see smoledge bench --help") from None
 

@@ -77,6 +77,9 @@ class BenchSettings:
     quick: bool = False
     fidelity: bool | None = None  # None: on at --size realtext, off at full (random weights)
     worker_timeout_s: float = 1800.0
+    # a device profile whose backend_options each of our subjects is also measured with (a second subject per
+    # format that the profile sets options for), e.g. raspberry-pi-5-4gb's vision_session=exclusive
+    profile: str | None = None
 
     def __post_init__(self):
         if self.size not in SIZES:

@@ -35,11 +35,19 @@ def prepare(ctx: PrepareContext) -> list[Subject]:
         for fmt, artifact in manifest.artifacts.items():
             if fmt not in FORMATS:
                 continue
-            subjects.append(Subject(
-                name=f"smoledge {fmt} {artifact.recipe_name or ''} ({Path(bundle).name})".strip(),
-                peer=NAME, artifact=str(bundle), options={"format": fmt},
-                size_bytes=artifact_bytes(manifest, fmt), bits_per_weight=bits_per_weight(artifact),
-                notes=(f"recipe {artifact.recipe_name}",)))
+            name = f"smoledge {fmt} {artifact.recipe_name or ''} ({Path(bundle).name})".strip()
+            subject = Subject(name=name, peer=NAME, artifact=str(bundle), options={"format": fmt},
+                              size_bytes=artifact_bytes(manifest, fmt), bits_per_weight=bits_per_weight(artifact),
+                              notes=(f"recipe {artifact.recipe_name}",))
+            subjects.append(subject)
+            profile = ctx.profile_options or {}
+            options = profile.get("formats", {}).get(fmt)
+            if options:  # the same artifact as the device profile loads it
+                said = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+                subjects.append(replace(subject, name=f"{name} [{profile['profile']}: {said}]",
+                                        options={"format": fmt, "backend": dict(options)},
+                                        notes=(*subject.notes, f"backend options of profile {profile['profile']}: "
+                                                               f"{said}")))
     return subjects
 
 
@@ -72,7 +80,8 @@ class SmolEdgeEngine(Engine):
         from smoledge.runtime.formats import backend_options
 
         fmt = subject.options["format"]
-        self.pipe = Pipeline.load(subject.artifact, backend=fmt, **backend_options(fmt, threads=threads))
+        options = {**backend_options(fmt, threads=threads), **subject.options.get("backend", {})}
+        self.pipe = Pipeline.load(subject.artifact, backend=fmt, **options)
         self.backend = self.pipe.backend
         self.image_config = self.pipe.image_config
 

@@ -63,6 +63,7 @@ class PrepareContext:
     bundles: tuple[Path, ...]  # our bundles to measure (already exported)
     threads: int
     max_tokens: int = 4096  # the longest sequence a pass runs (context + decode, or an image prompt)
+    profile_options: dict | None = None  # {"profile": name, "formats": {format: backend options}} (--profile)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,29 @@ def test_settings_reject_unknown_peer_and_non_bundle(tmp_path):
     assert settings.repeats == 1 and settings.peers == () and settings.workload.decode_tokens == 8
 
 
+def test_a_profile_adds_a_subject_loaded_with_its_backend_options(tiny_fp32_bundle, tmp_path):
+    """--profile P: each of our formats that P sets backend options for is measured twice, as the defaults load it
+    and as the device loads it; a profile that does not exist is refused before anything is built."""
+    from smoledge.benchmarks.cli import configure_parser, settings_from_args
+    from smoledge.benchmarks.peer_smoledge import SmolEdgeEngine, prepare
+    from smoledge.benchmarks.peers import PrepareContext
+    from smoledge.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    with pytest.raises(ConfigError, match="nope"):
+        settings_from_args(parser.parse_args(["--profile", "nope"]))
+    assert settings_from_args(parser.parse_args(["--profile", "raspberry-pi-5-4gb"])).profile == "raspberry-pi-5-4gb"
+    pi = {"profile": "raspberry-pi-5-4gb", "formats": {"onnx": {"vision_session": "exclusive"}}}
+    ctx = PrepareContext("realtext", tmp_path, tmp_path, (tiny_fp32_bundle,), 1, profile_options=pi)
+    plain, device = prepare(ctx)
+    assert device.name == f"{plain.name} [raspberry-pi-5-4gb: vision_session=exclusive]"
+    assert plain.options == {"format": "onnx"} and device.options["backend"] == {"vision_session": "exclusive"}
+    assert SmolEdgeEngine(device, threads=1).backend.options.vision_session == "exclusive"
+    assert SmolEdgeEngine(plain, threads=1).backend.options.vision_session == "lazy"
+    assert len(prepare(PrepareContext("realtext", tmp_path, tmp_path, (tiny_fp32_bundle,), 1))) == 1
+
+
 @pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed (the [bench] extra)")
 def test_gguf_text_conversion_matches_transformers(tiny_model_dir, tmp_path):
     """The F16 GGUF written by the harness, run by llama.cpp, gives transformers' next tokens."""
