@@ -59,9 +59,10 @@ def test_a_follow_up_turn_extends_the_cache_and_answers_as_a_fresh_run(realtext_
     assert conv.last_turn.prompt_tokens > conv.last_turn.reused_tokens
     # int4 kernels round a one-token decode step and a many-token prefill differently (the cached answer was
     # decoded, a fresh run prefills it), so near-ties may break the other way: teacher-forced, every token is a
-    # fresh run's greedy pick or within 0.15 logits of it, and most are exactly its pick
+    # fresh run's greedy pick or within 0.25 logits of it, and most are exactly its pick (under 0.15 on the AVX-512
+    # CPUs it was written on, 0.179 on an AVX2-only EPYC, whose int8 kernels round differently)
     gaps = _teacher_forced_gaps(realtext_pipe, conv.messages[:-1], second)
-    assert max(gaps) < 0.15 and sum(g > 0 for g in gaps) <= 2, gaps
+    assert max(gaps) < 0.25 and sum(g > 0 for g in gaps) <= 2, gaps
     assert [m.role for m in conv.messages] == ["user", "assistant", "user", "assistant"]
     assert conv.messages[1].content[0].text == "".join(c.text for c in first)
 

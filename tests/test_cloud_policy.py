@@ -224,10 +224,10 @@ def test_a_calibration_applies_only_to_the_backend_options_it_was_measured_with(
     save_calibration(tmp_path, Calibration(bundle_key(MANIFEST), "onnx", device_id(), speed, None, "m",
                                            {"vision_session": "exclusive"}))
     assert load_calibration(tmp_path, bundle_key(MANIFEST), "onnx").options == {"vision_session": "exclusive"}
-    assert PI4.options_for("onnx") != {"vision_session": "exclusive"}
-    assert calibrated_profile(PI4, engine, tmp_path).speed == PI4.speed  # measured another way: not applied
-    pi_exclusive = replace(PI4, backend_options={"onnx": {"vision_session": "exclusive"}})
-    assert calibrated_profile(pi_exclusive, engine, tmp_path).speed == speed
+    defaults = replace(PI4, backend_options={})
+    assert calibrated_profile(defaults, engine, tmp_path).speed == PI4.speed  # measured another way: not applied
+    exclusive = replace(PI4, backend_options={"onnx": {"vision_session": "exclusive"}})
+    assert calibrated_profile(exclusive, engine, tmp_path).speed == speed
 
 
 def test_old_per_profile_calibrations_are_ignored(tmp_path):
