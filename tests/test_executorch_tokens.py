@@ -64,12 +64,38 @@ def recorded() -> dict:
     return json.loads(FIXTURE.read_text())
 
 
+# int4: how far below the argmax a recorded token's logit may be.  XNNPACK's int8 kernels sum in another order on
+# an AVX2-only CPU than where the fixture was recorded: there one-image step 2 (margin 0.019) and two-images step
+# 30 (0.006) are near ties that flip
+INT4_TIE = 0.05
+
+
+def teacher_forced_gaps(pipe, name: str, tokens: list[int]) -> list[float]:
+    """For each of ``tokens`` fed in turn: the argmax logit minus that token's logit at its step."""
+    from smoledge.runtime import ChatRequest, Message, SamplingConfig
+
+    text, _ = CASES[name]
+    prepared = pipe.prepare(ChatRequest((Message.user(text, case_images(name)),), SamplingConfig(max_new_tokens=STEPS)))
+    cache = pipe.backend.new_cache(prepared.input_ids.shape[1] + STEPS)
+    logits, gaps = pipe.backend.step(pipe.prompt_embeds(prepared), cache), []
+    for token in tokens:
+        gaps.append(float(logits.max() - logits[token]))
+        logits = pipe.backend.step(pipe.backend.embed(np.array([[token]], dtype=np.int64)), cache)
+    return gaps
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_tokens_equal_the_recorded_ones(case, et_pipe, recorded):
+    """fp32: the same greedy tokens.  int4: teacher-forced along the recorded tokens, each is the argmax or within
+    ``INT4_TIE`` of it, and all but two are the argmax."""
     recipe, pipe = et_pipe
     expected = recorded[recipe][case]
     assert len(expected) == STEPS
-    assert greedy_tokens(pipe, case) == expected
+    if recipe == "fp32":
+        assert greedy_tokens(pipe, case) == expected
+    else:
+        gaps = teacher_forced_gaps(pipe, case, expected)
+        assert max(gaps) <= INT4_TIE and sum(g > 0 for g in gaps) <= 2, gaps
     # on demand, the vision method is held only while it encodes
     assert pipe.backend.vision_loaded == (pipe.backend.vision_mode == "resident")
 
