@@ -60,13 +60,18 @@ def _ask(client, max_tokens: int = 8):
         model="m", messages=[image_message(data_url(PHOTO), QUESTION)], max_tokens=max_tokens, temperature=0)
 
 
-def _calibrate(cache_dir, manifest, backend: str, *, fixed_mib: int, per_tile_mib: int):
+def _calibrate(cache_dir, manifest, backend: str, *, fixed_mib: int, per_tile_mib: int,
+               profile: str = "raspberry-pi-5-4gb"):
+    """A record as `doctor --profile PROFILE --calibrate` writes it: measured with that profile's backend options
+    (the router applies it only to a backend loaded the same way)."""
     memory = MeasuredMemory(fixed_bytes=fixed_mib * MIB, prefill_bytes_per_token=0,
                             attention_bytes_per_token_squared=0.0, decode_bytes_per_token=0,
                             vision_bytes_per_batch_tile=0, vision_bytes_per_tile=per_tile_mib * MIB, vision_batch=4,
                             load_bytes=fixed_mib * MIB, probes=())
     speed = replace(load_profile("raspberry-pi-5-8gb").speed, source="calibrated")
-    return save_calibration(cache_dir, Calibration(bundle_key(manifest), backend, device_id(), speed, memory))
+    options = load_profile(profile).options_for(backend)
+    return save_calibration(cache_dir, Calibration(bundle_key(manifest), backend, device_id(), speed, memory,
+                                                   options=options))
 
 
 # ------------------------------------------------------------------------------- `smoledge serve` itself
@@ -156,7 +161,7 @@ def test_the_tile_budget_flag_and_variable_reach_the_server_config():
 def test_a_photo_over_the_calibrated_memory_budget_is_answered_with_fewer_tiles(pipe, tmp_path):
     # raspberry-pi-5-8gb allows 13 tiles in 5,600 MiB; this device's record says 5,000 MiB + 100 MiB a tile:
     # 13 tiles (6,300) and 10 (6,000) are over, 5 (5,500) fits
-    _calibrate(tmp_path, pipe.manifest, "onnx", fixed_mib=5000, per_tile_mib=100)
+    _calibrate(tmp_path, pipe.manifest, "onnx", fixed_mib=5000, per_tile_mib=100, profile="raspberry-pi-5-8gb")
     config = make_config(tmp_path, profile="raspberry-pi-5-8gb", policy=PolicyConfig(never_cloud=True, max_tiles="auto"))
     running = start_server(pipe, config)
     try:
