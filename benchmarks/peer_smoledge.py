@@ -40,13 +40,12 @@ def prepare(ctx: PrepareContext) -> list[Subject]:
                               size_bytes=artifact_bytes(manifest, fmt), bits_per_weight=bits_per_weight(artifact),
                               notes=(f"recipe {artifact.recipe_name}",))
             subjects.append(subject)
-            profile = ctx.profile_options or {}
-            options = profile.get("formats", {}).get(fmt)
+            options = ctx.profile.options_for(fmt) if ctx.profile else {}
             if options:  # the same artifact as the device profile loads it
                 said = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
-                subjects.append(replace(subject, name=f"{name} [{profile['profile']}: {said}]",
-                                        options={"format": fmt, "backend": dict(options)},
-                                        notes=(*subject.notes, f"backend options of profile {profile['profile']}: "
+                subjects.append(replace(subject, name=f"{name} [{ctx.profile.name}: {said}]",
+                                        options={"format": fmt, "backend": options},
+                                        notes=(*subject.notes, f"backend options of profile {ctx.profile.name}: "
                                                                f"{said}")))
     return subjects
 

@@ -18,8 +18,12 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from smoledge.cloud_fallback.profiles import DeviceProfile
 
 PEERS = {
     "smoledge": "smoledge.benchmarks.peer_smoledge",
@@ -63,7 +67,7 @@ class PrepareContext:
     bundles: tuple[Path, ...]  # our bundles to measure (already exported)
     threads: int
     max_tokens: int = 4096  # the longest sequence a pass runs (context + decode, or an image prompt)
-    profile_options: dict | None = None  # {"profile": name, "formats": {format: backend options}} (--profile)
+    profile: DeviceProfile | None = None  # --profile's: our subjects also run with its backend_options
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,13 @@ def prepare(settings: BenchSettings) -> Prepared:
     bundles = settings.bundles or (models.ensure_bundle(model_dir, work_dir, formats=settings.formats),)
     workload = settings.workload
     max_tokens = max(max(workload.contexts) + workload.decode_tokens + 64, MIN_CONTEXT)
-    profile_options = None
+    profile = None
     if settings.profile:
         from smoledge.cloud_fallback.profiles import load_profile
 
-        profile_options = {"profile": settings.profile, "formats": load_profile(settings.profile).backend_options}
+        profile = load_profile(settings.profile)
     ctx = PrepareContext(settings.size, model_dir, work_dir, tuple(Path(b) for b in bundles), settings.threads,
-                         max_tokens, profile_options)
+                         max_tokens, profile)
     prepared = Prepared(ctx, [])
     for name in ("smoledge", *settings.peers):
         module = peer_module(name)

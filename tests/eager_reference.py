@@ -37,6 +37,11 @@ def teacher_forced(pipe, images, text: str, ref_tokens: list[int]):
     return prepared, logits
 
 
+def tie_gaps(logits, tokens: list[int]) -> list[float]:
+    """Per step: how far ``tokens``' logit is below that step's best (0: the token is the argmax)."""
+    return [float(lg.max() - lg[t]) for lg, t in zip(logits, tokens)]
+
+
 def relative_errors(ours, refs) -> list[float]:
     """Per step: the largest logit difference relative to the reference's largest magnitude."""
     return [float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(ours, refs)]

@@ -126,8 +126,11 @@ def test_a_profile_adds_a_subject_loaded_with_its_backend_options(tiny_fp32_bund
     with pytest.raises(ConfigError, match="nope"):
         settings_from_args(parser.parse_args(["--profile", "nope"]))
     assert settings_from_args(parser.parse_args(["--profile", "raspberry-pi-5-4gb"])).profile == "raspberry-pi-5-4gb"
-    pi = {"profile": "raspberry-pi-5-4gb", "formats": {"onnx": {"vision_session": "exclusive"}}}
-    ctx = PrepareContext("realtext", tmp_path, tmp_path, (tiny_fp32_bundle,), 1, profile_options=pi)
+    from smoledge.cloud_fallback.profiles import load_profile
+
+    pi = load_profile("raspberry-pi-5-4gb")
+    assert pi.options_for("onnx") == {"vision_session": "exclusive"}
+    ctx = PrepareContext("realtext", tmp_path, tmp_path, (tiny_fp32_bundle,), 1, profile=pi)
     plain, device = prepare(ctx)
     assert device.name == f"{plain.name} [raspberry-pi-5-4gb: vision_session=exclusive]"
     assert plain.options == {"format": "onnx"} and device.options["backend"] == {"vision_session": "exclusive"}

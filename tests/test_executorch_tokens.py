@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_image
+from eager_reference import teacher_forced, tie_gaps
 from executorch_bundles import cached_bundle
 
 FIXTURE = Path(__file__).parent / "fixtures" / "executorch_tokens.json"
@@ -70,20 +71,6 @@ def recorded() -> dict:
 INT4_TIE = 0.05
 
 
-def teacher_forced_gaps(pipe, name: str, tokens: list[int]) -> list[float]:
-    """For each of ``tokens`` fed in turn: the argmax logit minus that token's logit at its step."""
-    from smoledge.runtime import ChatRequest, Message, SamplingConfig
-
-    text, _ = CASES[name]
-    prepared = pipe.prepare(ChatRequest((Message.user(text, case_images(name)),), SamplingConfig(max_new_tokens=STEPS)))
-    cache = pipe.backend.new_cache(prepared.input_ids.shape[1] + STEPS)
-    logits, gaps = pipe.backend.step(pipe.prompt_embeds(prepared), cache), []
-    for token in tokens:
-        gaps.append(float(logits.max() - logits[token]))
-        logits = pipe.backend.step(pipe.backend.embed(np.array([[token]], dtype=np.int64)), cache)
-    return gaps
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_tokens_equal_the_recorded_ones(case, et_pipe, recorded):
     """fp32: the same greedy tokens.  int4: teacher-forced along the recorded tokens, each is the argmax or within
@@ -94,7 +81,7 @@ def test_greedy_tokens_equal_the_recorded_ones(case, et_pipe, recorded):
     if recipe == "fp32":
         assert greedy_tokens(pipe, case) == expected
     else:
-        gaps = teacher_forced_gaps(pipe, case, expected)
+        gaps = tie_gaps(teacher_forced(pipe, case_images(case), CASES[case][0], expected)[1], expected)
         assert max(gaps) <= INT4_TIE and sum(g > 0 for g in gaps) <= 2, gaps
     # on demand, the vision method is held only while it encodes
     assert pipe.backend.vision_loaded == (pipe.backend.vision_mode == "resident")

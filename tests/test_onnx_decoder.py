@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_image
+from eager_reference import teacher_forced, tie_gaps
 from smoledge.runtime import ChatRequest, Message, SamplingConfig, load
 from smoledge.runtime.generate import Sampler, generate_step
 
@@ -74,21 +75,10 @@ def test_tokens_equal_the_decoder_before_gqa(recipe, case, recorded, tiny_fp32_b
     if recipe == "fp32":
         assert greedy_tokens(_pipe(bundle), case) == tokens
         return
-    gaps = _teacher_forced_gaps(_pipe(bundle), case, tokens)
+    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    gaps = tie_gaps(teacher_forced(_pipe(bundle), images, TEXT, tokens)[1], tokens)
     assert max(gaps) <= INT4_TIE, gaps
     assert sum(g == 0 for g in gaps) >= len(gaps) - 2, gaps
-
-
-def _teacher_forced_gaps(pipe, case: str, tokens: list[int]) -> list[float]:
-    """For each of ``tokens`` fed in turn: the argmax logit minus that token's logit at its step."""
-    images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
-    prepared = pipe.prepare(ChatRequest((Message.user(TEXT, images),), SamplingConfig(max_new_tokens=len(tokens))))
-    cache = pipe.backend.new_cache(prepared.input_ids.shape[1] + len(tokens))
-    logits, gaps = pipe.backend.step(pipe.prompt_embeds(prepared), cache), []
-    for token in tokens:
-        gaps.append(float(logits.max() - logits[token]))
-        logits = pipe.backend.step(pipe.backend.embed(np.array([[token]], dtype=np.int64)), cache)
-    return gaps
 
 
 _PIPES: dict = {}
