@@ -18,11 +18,13 @@ stage of the request does not stack on the last one's free buffers.  One-token d
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from smoledge.errors import BackendError, BackendUnavailableError, BundleError, ConfigError
+from smoledge.runtime.backends import os_memory
 from smoledge.runtime.backends.base import backend_options
 from smoledge.runtime.bundle import Bundle
 from smoledge.runtime.manifest import Graph
@@ -73,6 +75,9 @@ class OnnxOptions:
     # onnxruntime repacks MatMulNBits weights into its kernels' layout at load; False keeps the bundle's layout
     # ("session.disable_prepacking")
     prepack: bool = True
+    # page out a session's external-data files while it is created and after: the prepacked weights' scales and
+    # zero points stay mapped beside their packed copies (runtime/backends/os_memory.py; Linux only)
+    release_mapped_pages: bool = True
 
 
 class OnnxBackend:
@@ -113,10 +118,14 @@ class OnnxBackend:
 
     def _session(self, ort, bundle: Bundle, graph: Graph, sess_opts):
         path = bundle.file(graph.file)
-        for rel in graph.files:
-            bundle.file(rel)  # listed and inside the bundle
+        data = [bundle.file(rel) for rel in graph.files if rel != graph.file]  # listed and inside the bundle
+        # the prepacked weights' scales and zero points stay mapped beside their packed copies: page them out
+        # while the session is created and after (runtime/backends/os_memory.py)
+        paging = self.options.release_mapped_pages and self.options.prepack and data
         try:
-            return ort.InferenceSession(str(path), sess_options=sess_opts, providers=list(self.options.providers))
+            with os_memory.paging_out(data) if paging else nullcontext():
+                return ort.InferenceSession(str(path), sess_options=sess_opts,
+                                            providers=list(self.options.providers))
         except Exception as err:  # onnxruntime raises its own untyped exceptions on bad files
             raise BundleError(f"onnxruntime cannot load {graph.file}: {str(err).splitlines()[0][:200]}",
                               hint="the file is corrupt or from a newer exporter; re-export the bundle") from None
@@ -135,8 +144,8 @@ class OnnxBackend:
             self.sessions[name] = self._session(self._ort, self._bundle, self._graphs[name], self._sess_opts[name])
 
     def encode_images(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
-        if self.options.vision_session == "exclusive":
-            self.sessions.pop("decoder", None)  # its packed weights go back before the vision weights load
+        if self.options.vision_session == "exclusive" and self.sessions.pop("decoder", None) is not None:
+            os_memory.trim_heap()  # its packed weights go back before the vision weights load
         self._ensure("vision_encoder")
         step = max(1, self.options.vision_batch)
         try:
@@ -147,6 +156,7 @@ class OnnxBackend:
         finally:
             if self.options.vision_session in ("release", "exclusive"):
                 self.sessions.pop("vision_encoder", None)
+                os_memory.trim_heap()
         return np.concatenate(parts, axis=0)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
