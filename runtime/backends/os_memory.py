@@ -1,18 +1,21 @@
-"""Hand back the resident pages of a loaded graph's external-data files (Linux; elsewhere a no-op).
+"""Memory the ONNX backend hands back to the system (Linux with glibc; elsewhere every call is a no-op).
 
-onnxruntime maps a graph's external data file into the process.  When MatMulNBits prepacks a weight on x86
-it copies the block scales and zero points into the packed buffer as well, but reports them as not packed,
-so the original tensors stay mapped and their pages resident for the session's life although the kernels
-read the packed copy: 134 MB at full size (``docs/memory.md``).  They are clean, read-only file pages:
-``madvise(MADV_PAGEOUT)`` drops them from this process's resident set, and any later read faults them back
-in from the file, so results cannot change; only the resident set does.  Pages of other files, and every
-anonymous page, are left alone.
+* **Mapped pages nothing reads** (:func:`release`, :func:`paging_out`).  onnxruntime maps a graph's external
+  data file into the process.  When MatMulNBits prepacks a weight on x86 it copies the block scales and zero
+  points into the packed buffer as well, but reports them as not packed, so the original tensors stay mapped
+  and their pages resident for the session's life although the kernels read the packed copy: 134 MiB at
+  full size (``docs/memory.md``).  They are clean, read-only file pages.  ``madvise(MADV_PAGEOUT)`` drops
+  them from the resident set and any later read faults them back in from the file, so results cannot
+  change, only the resident set does.  PAGEOUT (not DONTNEED) never discards data: were an address reused
+  by another mapping between reading /proc/self/maps and the call, its pages would at worst go to swap.
+* **A freed session's heap** (:func:`trim_heap`): glibc keeps freed chunks in the process until trimmed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
@@ -22,7 +25,17 @@ from pathlib import Path
 MADV_PAGEOUT = 21  # Linux 5.4+; older kernels answer EINVAL and nothing changes
 
 
-def _mappings(paths: set[str]):
+@functools.cache
+def _libc():
+    """The C library with ``madvise`` typed, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _mappings(paths: set[str]) -> list[tuple[int, int]]:
     """(start, end) of every mapping of one of ``paths`` in /proc/self/maps."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
@@ -39,18 +52,11 @@ def _mappings(paths: set[str]):
 
 def release(files) -> int:
     """Page out this process's mappings of ``files`` (paths); returns how many mappings were advised."""
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return 0
-    paths = {os.path.realpath(f) for f in files}
-    spans = _mappings(paths)
-    if not spans:
-        return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    advised = 0
-    for start, end in spans:
-        advised += libc.madvise(start, end - start, MADV_PAGEOUT) == 0
-    return advised
+    spans = _mappings({os.path.realpath(f) for f in files})
+    return sum(libc.madvise(start, end - start, MADV_PAGEOUT) == 0 for start, end in spans)
 
 
 @contextmanager
@@ -59,9 +65,12 @@ def paging_out(files, interval_s: float = 0.02):
 
     For a session's creation: onnxruntime releases the GIL while it loads and prepacks, and the scales it has
     copied into a packed buffer would otherwise stay resident until the session is complete (the creation's
-    peak: +134 MB at full size).  A page it has not read yet is not resident, so nothing is paged out ahead of
-    it; one it reads again is faulted back in from the file."""
+    peak: +134 MiB at full size).  A page it has not read yet is not resident, so nothing is paged out ahead
+    of it; one it reads again is faulted back in from the file."""
     files = list(files)
+    if _libc() is None:
+        yield
+        return
     done = threading.Event()
 
     def watch():
@@ -81,12 +90,10 @@ def paging_out(files, interval_s: float = 0.02):
 def trim_heap() -> bool:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``); False where there is none.
 
-    A freed session's packed weights are free heap chunks: glibc keeps them in the process (they are reused
-    by the next allocations, but stay resident) unless they are trimmed."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-    trim = getattr(libc, "malloc_trim", None)  # glibc only (not musl)
+    A freed session's packed weights are free heap chunks: glibc keeps them in the process (reused by the next
+    allocations, but resident meanwhile) unless they are trimmed."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None  # glibc only (not musl)
     if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
