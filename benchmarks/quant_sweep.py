@@ -380,6 +380,50 @@ def layer_rows(ws: Workspace, layers=(0, 15, 29)) -> list[dict]:
     return rows
 
 
+HEAD_SPLITS = {  # name -> lm_head's scheme in int4-mixed's layout (the rest of the recipe as it is)
+    "4-bit sym b32": {"bits": 4, "block_size": 32, "symmetric": True},
+    "4-bit b64 uint4 zp": {"bits": 4, "block_size": 64, "symmetric": False},
+    "8-bit sym b32": {"bits": 8, "block_size": 32, "symmetric": True},
+    "8-bit sym b64": {"bits": 8, "block_size": 64, "symmetric": True},
+}
+HEAD_PAIRS = (("8-bit sym b64", "4-bit sym b32"), ("8-bit sym b64", "4-bit b64 uint4 zp"),
+              ("8-bit sym b32", "4-bit sym b32"))
+HEAD_ROWS = (2048, 4096, 6144, 8192, 12288)
+
+
+def head_rows_rows(ws: Workspace, max_tokens: int) -> list[dict]:
+    """lm_head split by token rows (docs/quantization.md, "lm_head split by token rows"): ``int4-mixed``
+    with a whole lm_head in each of :data:`HEAD_SPLITS`, then every split "rows [0, R) as A, the rest as B"
+    scored by taking logit columns [0, R) from A's graphs and the rest from B's.  That is exactly the split
+    graph's output: the body is the same in every variant (per-layer GPTQ on the fp32 model's Hessians),
+    and GPTQ rounds each output row on its own grid, compensating along the input dimension only."""
+    base = load_recipe("int4-mixed").to_dict()
+    rules = [r for r in base["rules"] if r["match"] != "lm_head"]
+    refs, ids = reference_logits(ws, max_tokens), scored_ids(ws, max_tokens)
+    logits_of, bits_of, rows = {}, {}, []
+    for name, head in HEAD_SPLITS.items():
+        scheme = {**head, "algorithm": "gptq", "act_order": True}
+        recipe = Recipe.from_dict({"name": f"int4-mixed-head-{name}", "calibration": base.get("calibration"),
+                                   "rules": [*rules[:4], {"match": "lm_head", "scheme": scheme}, *rules[4:]]})
+        paths, reports = ws.build(recipe, "head-" + "".join(c if c.isalnum() else "-" for c in name))
+        sessions = _sessions(paths)
+        logits_of[name] = {text: logits(sessions, t) for text, t in ids.items()}
+        bits_of[name] = QuantReport.combined(QuantReport.from_dict(r) for r in reports.values()).bits_per_weight
+        rows.append({"candidate": f"lm_head {name}", **pooled_score(refs, logits_of[name]),
+                     "bits_per_weight": round(bits_of[name], 3)})
+    vocab = next(iter(logits_of.values()))[next(iter(ids))].shape[-1]
+    for high, low in HEAD_PAIRS:
+        for r in HEAD_ROWS:
+            mixed = {t: np.concatenate([logits_of[high][t][:, :r], logits_of[low][t][:, r:]], axis=1) for t in ids}
+            bits = bits_of[low] + (bits_of[high] - bits_of[low]) * r / vocab
+            rows.append({"candidate": f"lm_head rows 0-{r - 1} {high}, rest {low}", **pooled_score(refs, mixed),
+                         "bits_per_weight": round(bits, 3)})
+    for row in rows:
+        print(f"{row['candidate']:60s} KL {row['kl']:.4f} top-1 {100 * row['top1']:.1f}% "
+              f"{row['bits_per_weight']:.3f} bpw", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smoledge-quant-sweep"))
@@ -387,8 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--vision", action="store_true", help="score the vision encoder's candidates instead")
     parser.add_argument("--layers", action="store_true", help="compare every algorithm on the same linears instead")
+    parser.add_argument("--head-rows", action="store_true", help="score lm_head split by token rows instead")
     args = parser.parse_args(argv)
     ws = Workspace(args.work)
+    if args.head_rows:
+        with (args.work / "head-rows.jsonl").open("a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in head_rows_rows(ws, args.max_tokens))
+        return 0
     if args.vision:
         with (args.work / "vision.jsonl").open("a") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in vision_rows(ws, args.only))

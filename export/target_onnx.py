@@ -142,9 +142,9 @@ def _counting_weights(progress, proto, recipe: Recipe):
     calibrated schemes run before it, in our own code."""
     if progress is None:
         return contextlib.nullcontext()
-    from smoledge.quantize.onnx_quant import _weight_nodes
+    from smoledge.quantize.onnx_quant import planned_schemes
 
-    names = {n for n in _weight_nodes(proto) if (s := recipe.scheme_for(n)) is not None and not s.calibrated}
+    names = {n for n, s in planned_schemes(proto, recipe).items() if s is not None and not s.calibrated}
     return progress.counting_logs("onnxruntime.quantization.matmul_nbits_quantizer", "complete quantization of",
                                   "quantizing weights", names)
 

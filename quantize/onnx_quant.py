@@ -13,10 +13,12 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from smoledge.errors import ConfigError
 from smoledge.quantize.algorithms.calibrated import apply_calibrated
 from smoledge.quantize.calibration import CalibrationStats
-from smoledge.quantize.recipe import QuantReport, Recipe, Scheme
+from smoledge.quantize.recipe import QuantReport, Recipe, Scheme, row_part_name
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,11 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe, calibration: Calibrat
     nodes = _weight_nodes(model)
     recipe = recipe.for_weights(nodes)
     weights = sum(_numel(model, n) for n in nodes.values())
+    model, plan = split_rows(model, nodes, recipe)
+    nodes = _weight_nodes(model)
     groups: dict[Scheme, list[str]] = defaultdict(list)
     for name in nodes:
-        scheme = recipe.scheme_for(name)
-        if scheme is not None:
+        if (scheme := plan[name]) is not None:
             groups[scheme].append(name)
     asked: dict[str, Scheme] = {}
     for scheme, names in groups.items():
@@ -79,6 +82,77 @@ def quantize_model(model: onnx.ModelProto, recipe: Recipe, calibration: Calibrat
         asked.update(dict.fromkeys(names, scheme))
     counts = _count_outcomes(model, nodes, asked)
     return model, QuantReport(counts, weights, _weight_storage_bytes(model, set(nodes)))
+
+
+def _weight_input(node: onnx.NodeProto) -> str:
+    return node.input[1] if node.op_type == "MatMul" else node.input[0]
+
+
+def _output_rows(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
+    """The weight's HF output rows: N of a MatMul's ``[K, N]``, the vocabulary of a Gather's table."""
+    return weight.dims[1] if node.op_type == "MatMul" else weight.dims[0]
+
+
+def _row_parts(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], recipe: Recipe
+               ) -> dict[str, list[tuple[int, int, Scheme | None]]]:
+    """:meth:`Recipe.parts_for` of every weight node (one part unless a ``rows`` rule splits it)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return {name: recipe.parts_for(name, _output_rows(node, inits[_weight_input(node)])) for name, node in nodes.items()}
+
+
+def _plan(parts: dict[str, list[tuple[int, int, Scheme | None]]]) -> dict[str, Scheme | None]:
+    plan: dict[str, Scheme | None] = {}
+    for name, split in parts.items():
+        plan.update({name: split[0][2]} if len(split) == 1 else {row_part_name(name, a, b): s for a, b, s in split})
+    return plan
+
+
+def planned_schemes(model: onnx.ModelProto, recipe: Recipe) -> dict[str, Scheme | None]:
+    """What :func:`quantize_model` will store each weight node (or row part, by :func:`row_part_name`) as,
+    without changing the graph."""
+    nodes = _weight_nodes(model)
+    return _plan(_row_parts(model, nodes, recipe.for_weights(nodes)))
+
+
+def split_rows(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], recipe: Recipe
+               ) -> tuple[onnx.ModelProto, dict[str, Scheme | None]]:
+    """Each weight node's scheme (:func:`planned_schemes`), with every MatMul whose weight a ``rows`` rule
+    splits replaced by one MatMul per part (over the columns of the ONNX ``[K, N]`` weight, named
+    :func:`row_part_name`) and a Concat of their outputs along the last axis: the same product."""
+    inits = {i.name: i for i in model.graph.initializer}
+    parts = _row_parts(model, nodes, recipe)
+    replaced: dict[str, list[onnx.NodeProto]] = {}
+    gone: set[str] = set()
+    for name, split in parts.items():
+        if len(split) == 1:
+            continue
+        node = nodes[name]
+        if node.op_type != "MatMul":
+            raise ConfigError(f"recipe {recipe.name!r} splits {name} ({node.op_type}) by rows; only linear "
+                              "layers (MatMul) can be split", hint=f'drop the "rows" rule that matches {name}')
+        weight = inits[_weight_input(node)]
+        full = numpy_helper.to_array(weight)
+        outputs, new = [], []
+        for start, stop, _ in split:
+            suffix = f".rows{start}_{stop}"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(full[:, start:stop]),
+                                                                   weight.name + suffix))
+            outputs.append(node.output[0] + suffix)
+            new.append(onnx.helper.make_node("MatMul", [node.input[0], weight.name + suffix], [outputs[-1]],
+                                             name=row_part_name(name, start, stop)))
+        new.append(onnx.helper.make_node("Concat", outputs, list(node.output), name=f"{name}.concat", axis=-1))
+        replaced[node.name] = new
+        gone.add(weight.name)
+    plan = _plan(parts)
+    if not replaced:
+        return model, plan
+    new_nodes = [m for n in model.graph.node for m in replaced.get(n.name, [n])]
+    model.graph.ClearField("node")
+    model.graph.node.extend(new_nodes)
+    keep = [i for i in model.graph.initializer if i.name not in gone]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(keep)
+    return model, plan
 
 
 _QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")

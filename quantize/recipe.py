@@ -29,7 +29,7 @@ from smoledge.errors import ConfigError
 from smoledge.quantize.calibration import CalibrationSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-DEFAULT_RECIPE = "int4-mixed"  # docs/quantization.md: KL 0.106 / top-1 79.3% at 4.92 bits per weight
+DEFAULT_RECIPE = "int4-mixed"  # docs/quantization.md: KL 0.089 / top-1 83.0% at 4.96 bits per weight
 ALGORITHMS = ("rtn", "hqq", "k-quant", "gptq", "importance")
 CALIBRATED = ("gptq", "importance")  # read activations from the calibration text
 SCALE_DTYPES = ("float32",)  # MatMulNBits scales take the activation type: fp32 graphs -> fp32 scales
@@ -116,17 +116,27 @@ TEXT_LAYER_NAME = re.compile(r"(?:^|\.)text_model\.layers\.(\d+)\.")
 class Rule:
     """``match``: an fnmatch pattern over HF weight names.  ``layers`` optionally narrows it to the decoder
     layers a selector picks (one of :data:`LAYER_SELECTORS`), resolved against the model's layer count
-    (:meth:`Recipe.for_layers`, which every quantizer applies) into ``layer_indices``."""
+    (:meth:`Recipe.for_layers`, which every quantizer applies) into ``layer_indices``.  ``rows``
+    optionally narrows it to output rows ``[start, stop)`` of the weight (HF ``[out, in]`` layout; for
+    ``lm_head`` the token ids): the weight is then split by rows, each part stored by the first rule that
+    claims it (:meth:`Recipe.parts_for`).  Only the ONNX target splits a weight by rows."""
 
     match: str
     scheme: Scheme
     layers: str | None = None
     layer_indices: tuple[int, ...] | None = None
+    rows: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.layers is not None and self.layers not in LAYER_SELECTORS:
             raise ConfigError(f"unknown layer selector {self.layers!r}",
                               hint=f"use one of {', '.join(LAYER_SELECTORS)} or list the layers in match patterns")
+        if self.rows is not None:
+            rows = self.rows
+            if (not isinstance(rows, tuple) or len(rows) != 2 or not all(isinstance(r, int) for r in rows)
+                    or not 0 <= rows[0] < rows[1]):
+                raise ConfigError(f"rule {self.match!r}: rows must be [start, stop) with 0 <= start < stop, got {list(rows)!r}",
+                                  hint='e.g. "rows": [0, 8192] for the first 8,192 output rows (token ids of lm_head)')
 
     def matches(self, weight_name: str) -> bool:
         if not fnmatch.fnmatchcase(weight_name, self.match):
@@ -150,13 +160,28 @@ class Rule:
             data["layers"] = self.layers
             if self.layer_indices is not None:
                 data["layer_indices"] = list(self.layer_indices)
+        if self.rows is not None:
+            data["rows"] = list(self.rows)
         return {**data, "scheme": {**asdict(self.scheme), "zero_points": self.scheme.zero_points}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Rule":
-        indices = data.get("layer_indices")
+        indices, rows = data.get("layer_indices"), data.get("rows")
+        if rows is not None and not isinstance(rows, (list, tuple)):
+            raise ConfigError(f"rule {data.get('match')!r}: rows must be a list [start, stop), got {rows!r}")
         return cls(data["match"], Scheme(**_scheme_fields(data.get("scheme", {}))), data.get("layers"),
-                   None if indices is None else tuple(int(i) for i in indices))
+                   None if indices is None else tuple(int(i) for i in indices),
+                   None if rows is None else tuple(rows))
+
+
+def row_part_name(weight_name: str, start: int, stop: int) -> str:
+    """The name of rows ``[start, stop)`` of a weight split by a ``rows`` rule (its graph node's name)."""
+    return f"{weight_name}[{start}:{stop}]"
+
+
+def whole_weight_name(name: str) -> str:
+    """The weight a :func:`row_part_name` belongs to (the name itself for a whole weight)."""
+    return name.split("[", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -193,10 +218,51 @@ class Recipe:
         return self.fallbacks[fmt]
 
     def scheme_for(self, weight_name: str) -> Scheme | None:
+        """The scheme of a whole weight.  A weight a ``rows`` rule matches has one per part: use
+        :meth:`parts_for` (formats that cannot split a weight refuse such a recipe here)."""
         for rule in self.rules:
             if rule.matches(weight_name):
+                if rule.rows is not None:
+                    raise ConfigError(f"recipe {self.name!r} splits {weight_name} by rows (rule {rule.match!r}), "
+                                      "which only the ONNX target can store",
+                                      hint='name a recipe without "rows" rules for this format in the recipe\'s "formats"')
                 return None if rule.scheme.keeps_float else rule.scheme
         return None
+
+    def parts_for(self, weight_name: str, n_rows: int) -> list[tuple[int, int, Scheme | None]]:
+        """How a weight of ``n_rows`` output rows is stored: ``(start, stop, scheme)`` parts in row order
+        (``None``: float).  Rules are tried in order; a matching ``rows`` rule claims the rows of its range
+        no earlier rule claimed, a matching rule without ``rows`` claims every row left.  Adjacent parts
+        with one scheme are one part, so a weight no ``rows`` rule matches is one part ``(0, n_rows, ...)``."""
+        claimed: list[tuple[int, int, Scheme | None]] = []
+        open_rows = [(0, n_rows)]
+        for rule in self.rules:
+            if not open_rows:
+                break
+            if not rule.matches(weight_name):
+                continue
+            lo, hi = rule.rows or (0, n_rows)
+            scheme = None if rule.scheme.keeps_float else rule.scheme
+            left = []
+            for a, b in open_rows:
+                ca, cb = max(a, lo), min(b, hi)
+                if ca >= cb:
+                    left.append((a, b))
+                    continue
+                claimed.append((ca, cb, scheme))
+                left += [r for r in ((a, ca), (cb, b)) if r[0] < r[1]]
+            open_rows = left
+        parts: list[tuple[int, int, Scheme | None]] = []
+        for a, b, scheme in sorted(claimed + [(a, b, None) for a, b in open_rows], key=lambda p: p[0]):
+            if parts and parts[-1][2] == scheme:
+                parts[-1] = (parts[-1][0], b, scheme)
+            else:
+                parts.append((a, b, scheme))
+        return parts
+
+    @property
+    def splits_rows(self) -> bool:
+        return any(rule.rows is not None for rule in self.rules)
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "description": self.description, "notes": dict(self.notes),

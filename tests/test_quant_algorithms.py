@@ -131,12 +131,14 @@ def test_int4_mixed_fits_five_bits_per_weight_on_smollm2_shapes():
             shapes[f"model.text_model.layers.{i}.{proj}"] = (n, k)
     bits = weights = 0
     for name, (n, k) in shapes.items():
-        scheme = recipe.scheme_for(name)
-        assert scheme is not None and scheme.zero_points in ("none", "uint4"), name
-        assert scheme.zero_points == "none" or scheme.block_size > 32, name
-        blocks = -(-k // scheme.block_size)
-        bits += n * blocks * (scheme.block_size * scheme.bits + 32 + (4 if scheme.zero_points == "uint4" else 0))
+        for start, stop, scheme in recipe.parts_for(name, n):
+            assert scheme is not None and scheme.zero_points in ("none", "uint4"), name
+            assert scheme.zero_points == "none" or scheme.block_size > 32, name
+            blocks = -(-k // scheme.block_size)
+            bits += (stop - start) * blocks * (scheme.block_size * scheme.bits + 32
+                                               + (4 if scheme.zero_points == "uint4" else 0))
         weights += n * k
+    assert [(a, b, s.bits) for a, b, s in recipe.parts_for("lm_head", vocab)] == [(0, 8192, 8), (8192, vocab, 4)]
     assert recipe.scheme_for("model.text_model.layers.29.mlp.down_proj").bits == 8
     assert recipe.scheme_for("model.text_model.layers.5.mlp.down_proj").block_size == 32
     assert recipe.scheme_for("model.text_model.layers.5.mlp.up_proj").zero_points == "uint4"
@@ -226,3 +228,101 @@ def test_file_backed_grams_equal_the_in_memory_sum_and_leave_no_scratch(tmp_path
     folder = grams.folder
     del grams
     assert not folder.exists()
+
+
+def _rows_recipe(*rules) -> Recipe:
+    return Recipe.from_dict({"name": "rows", "rules": list(rules)})
+
+
+def test_rows_rules_claim_rows_in_rule_order():
+    eight, four = {"bits": 8, "block_size": 32, "symmetric": True}, {"bits": 4, "block_size": 32, "symmetric": True}
+    recipe = _rows_recipe({"match": "lm_head", "rows": [0, 100], "scheme": eight},
+                          {"match": "lm_head", "rows": [50, 300], "scheme": {"bits": None}},
+                          {"match": "*", "scheme": four})
+    parts = [(a, b, s and s.bits) for a, b, s in recipe.parts_for("lm_head", 1000)]
+    assert parts == [(0, 100, 8), (100, 300, None), (300, 1000, 4)]  # the first rule keeps rows 50-99
+    assert [(a, b) for a, b, _ in recipe.parts_for("lm_head", 80)] == [(0, 80)]  # a range past the end is clipped
+    assert [(a, b, s.bits) for a, b, s in recipe.parts_for("model.x", 10)] == [(0, 10, 4)]  # no rows rule: whole
+    assert recipe.splits_rows and Recipe.from_dict(recipe.to_dict()) == recipe  # a manifest's recipe loads back
+    assert recipe.to_dict()["rules"][0]["rows"] == [0, 100]
+    # rows no rule claims stay float, like a weight no rule matches
+    only = _rows_recipe({"match": "lm_head", "rows": [10, 20], "scheme": eight})
+    assert [(a, b, s and s.bits) for a, b, s in only.parts_for("lm_head", 30)] == [(0, 10, None), (10, 20, 8),
+                                                                                (20, 30, None)]
+    with pytest.raises(ConfigError, match="only the ONNX target"):  # formats that cannot split refuse it
+        recipe.scheme_for("lm_head")
+
+
+@pytest.mark.parametrize("rows", [[5, 5], [-1, 4], [0], "0:8", [0.5, 8]])
+def test_bad_rows_are_config_errors(rows):
+    with pytest.raises(ConfigError, match="rows must be"):
+        _rows_recipe({"match": "lm_head", "rows": rows, "scheme": {"bits": 8}})
+
+
+def _matmul_and_gather_model(weight: np.ndarray, table: np.ndarray) -> onnx.ModelProto:
+    h = onnx.helper
+    nodes = [h.make_node("Gather", ["table", "ids"], ["emb"], name="model.text_model.embed_tokens"),
+             h.make_node("Add", ["x", "emb"], ["x1"], name="add"),
+             h.make_node("MatMul", ["x1", "w"], ["y"], name="lm_head")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, weight.shape[0]]),
+                                      h.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, weight.shape[1]])],
+                         [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(table, "table")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_a_weight_split_by_rows_computes_each_part_as_its_scheme_says(algorithm):
+    """lm_head split by a rows rule: one MatMul(NBits) per part and a Concat, the same product as the
+    whole weight; rows kept float are exact, 8-bit rows far closer than 4-bit ones; the report counts every
+    part's bytes.  ``gptq`` parts read the whole weight's Hessian."""
+    import onnxruntime as ort
+
+    from smoledge.quantize.calibration import CalibrationStats
+    from smoledge.quantize.onnx_quant import planned_schemes, quantize_model
+
+    rng = np.random.default_rng(5)
+    k, n = 128, 96
+    weight, table = rng.normal(size=(k, n)).astype(np.float32), rng.normal(size=(7, k)).astype(np.float32)
+    x, ids = _correlated(rng, 256, k), np.arange(7, dtype=np.int64) % 7
+    recipe = _rows_recipe(
+        {"match": "lm_head", "rows": [0, 16], "scheme": {"bits": None}},
+        {"match": "lm_head", "rows": [16, 48], "scheme": {"bits": 8, "block_size": 32, "symmetric": True,
+                                                           "algorithm": algorithm}},
+        {"match": "lm_head", "scheme": {"bits": 4, "block_size": 32, "symmetric": False, "algorithm": algorithm}},
+        {"match": "*", "scheme": {"bits": None}})  # the embedding stays float: the product is checked exactly
+    stats = CalibrationStats({"lm_head": x.T.astype(np.float64) @ x}, len(x))
+    model = _matmul_and_gather_model(weight, table)
+    plan = planned_schemes(model, recipe)
+    assert [name for name, s in plan.items() if name.startswith("lm_head")] == ["lm_head[0:16]", "lm_head[16:48]",
+                                                                              "lm_head[48:96]"]
+    quantized, report = quantize_model(model, recipe, stats)
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("MatMulNBits") == 2 and "Concat" in ops
+    assert "w" not in {i.name for i in quantized.graph.initializer}  # the whole weight is gone
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x[:7], "ids": ids})[0]
+    want = (x[:7] + table[ids]) @ weight
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got[:, :16], want[:, :16], rtol=1e-5, atol=1e-4)
+    err8, err4 = (np.abs(got[:, s] - want[:, s]).mean() for s in (slice(16, 48), slice(48, None)))
+    assert err8 < err4 / 5, (err8, err4)
+    assert report.weights == k * n + 7 * k
+    # bytes: float rows 4 per weight; 8-bit rows 1 + a 4-byte scale per block; 4-bit rows 1/2 + scale + 1/2 a
+    # byte of zero point per block; the float embedding 4 per weight
+    blocks = k // 32
+    lm_head = 16 * k * 4 + 32 * (k + 4 * blocks) + 48 * (k // 2 + 4 * blocks + blocks // 2)
+    assert report.weight_bytes == lm_head + 7 * k * 4
+    assert report.schemes == {"float": 2, "int8-sym-b32-" + algorithm: 1, "int4-asym-b32-" + algorithm: 1}
+
+
+def test_rows_rules_refuse_an_embedding_table():
+    from smoledge.quantize.onnx_quant import quantize_model
+
+    rng = np.random.default_rng(6)
+    model = _matmul_and_gather_model(rng.normal(size=(64, 32)).astype(np.float32),
+                                     rng.normal(size=(7, 64)).astype(np.float32))
+    recipe = _rows_recipe({"match": "model.text_model.embed_tokens", "rows": [0, 4], "scheme": {"bits": 8}},
+                          {"match": "*", "scheme": {"bits": 4, "block_size": 32, "symmetric": True}})
+    with pytest.raises(ConfigError, match="only linear layers"):
+        quantize_model(model, recipe)

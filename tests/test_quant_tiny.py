@@ -18,6 +18,7 @@ from smoledge.fidelity import measure
 from smoledge.quantize.recipe import Recipe
 
 TOLERANCE_COSINE = 0.8
+HEAD_ROWS = 64  # lm_head rows (token ids) stored 8-bit; the tiny vocabulary has ~400
 # algorithm -> the tiny decoder's linears it quantizes (every algorithm gets attention and MLP layers)
 LAYOUT = {
     "gptq": ("*.self_attn.q_proj", "*.mlp.gate_proj", "lm_head"),
@@ -32,7 +33,10 @@ def _recipe() -> Recipe:
     rules = [{"match": "*position_embedding", "scheme": {"bits": None}},
              {"match": "model.text_model.embed_tokens", "scheme": {"bits": None}},
              {"match": "model.vision_model.*", "scheme": {"bits": 8, "block_size": 32, "symmetric": True}},
-             {"match": "model.connector.*", "scheme": {"bits": 8, "block_size": 32, "symmetric": True}}]
+             {"match": "model.connector.*", "scheme": {"bits": 8, "block_size": 32, "symmetric": True}},
+             # lm_head split by rows, as int4-mixed's: the first token ids 8-bit, the rest by the gptq rule below
+             {"match": "lm_head", "rows": [0, HEAD_ROWS], "scheme": {"bits": 8, "block_size": 32, "symmetric": True,
+                                                                     "algorithm": "gptq", "act_order": True}}]
     for algorithm, patterns in LAYOUT.items():
         symmetric = algorithm in ("gptq", "rtn")
         extra = {"act_order": True} if algorithm == "gptq" else {}
@@ -52,7 +56,11 @@ def test_every_algorithm_in_one_bundle_stays_close_to_fp32(tiny_model_dir, tiny_
     assert schemes.get("float", 0) == 0, schemes  # every decoder linear really got quantized
     for algorithm, patterns in LAYOUT.items():
         layers = 2 * len(patterns) - ("lm_head" in patterns)  # two decoder layers, one lm_head
+        layers += "lm_head" in patterns  # in two row parts
         assert sum(n for label, n in schemes.items() if label.endswith(f"-{algorithm}")) == layers, schemes
+    assert schemes["int8-sym-b32-gptq"] == 1, schemes  # lm_head's first HEAD_ROWS rows
+    rules = onnx["recipe"]["rules"]
+    assert any(r.get("rows") == [0, HEAD_ROWS] for r in rules), rules  # the manifest records the split
     assert len(onnx["recipe"]["calibration"]["sha256"]) == 64
     report = measure(bundle, tiny_fp32_bundle)
     decoder = report["graphs"]["decoder"]

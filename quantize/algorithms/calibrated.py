@@ -23,6 +23,7 @@ from smoledge.errors import ConfigError
 from smoledge.quantize.algorithms.gptq import gptq
 from smoledge.quantize.algorithms.grid import Grid, matmul_nbits_node, search_grid, to_blocks
 from smoledge.quantize.calibration import one_thread
+from smoledge.quantize.recipe import whole_weight_name
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _cache_key(weight: np.ndarray, scheme, stats, name: str) -> str:
     if stats.source:
         digest.update(f"{stats.source}:{name}".encode())
     else:
-        digest.update(np.ascontiguousarray(stats.hessian(name)).data)
+        digest.update(np.ascontiguousarray(stats.hessian(whole_weight_name(name))).data)
     return digest.hexdigest()
 
 
@@ -81,8 +82,8 @@ def quantize_weight_cached(weight: np.ndarray, scheme, stats, name: str) -> tupl
     path = None if root is None else root / f"{_cache_key(weight, scheme, stats, name)}.npz"
     if path is not None and path.is_file() and (hit := _load_cached(path, scheme)) is not None:
         return hit
-    with one_thread():
-        q, grid = quantize_weight(weight, scheme, stats.hessian(name))
+    with one_thread():  # rows of a weight split by a rows rule read the whole weight's Hessian (one input)
+        q, grid = quantize_weight(weight, scheme, stats.hessian(whole_weight_name(name)))
     if path is not None:
         _store(path, q, grid)
     return q, grid
@@ -108,7 +109,7 @@ def _by_input(nodes: dict[str, onnx.NodeProto], stats) -> list[list[str]]:
         if node.op_type != "MatMul":
             raise ConfigError(f"calibrated quantization takes linear layers only, not {name} ({node.op_type})",
                               hint="give embeddings an rtn rule before the calibrated one")
-        if not stats.has(name):
+        if not stats.has(whole_weight_name(name)):
             raise ConfigError(f"no calibration activations for {name}",
                               hint="calibrated schemes apply to the text decoder's linears and lm_head only")
         groups.setdefault(node.input[0], []).append(name)
