@@ -398,13 +398,14 @@ def head_rows_rows(ws: Workspace, max_tokens: int) -> list[dict]:
     graph's output: the body is the same in every variant (per-layer GPTQ on the fp32 model's Hessians),
     and GPTQ rounds each output row on its own grid, compensating along the input dimension only."""
     base = load_recipe("int4-mixed").to_dict()
+    at = next(i for i, r in enumerate(base["rules"]) if r["match"] == "lm_head")  # where lm_head's rules sit
     rules = [r for r in base["rules"] if r["match"] != "lm_head"]
     refs, ids = reference_logits(ws, max_tokens), scored_ids(ws, max_tokens)
     logits_of, bits_of, rows = {}, {}, []
     for name, head in HEAD_SPLITS.items():
         scheme = {**head, "algorithm": "gptq", "act_order": True}
         recipe = Recipe.from_dict({"name": f"int4-mixed-head-{name}", "calibration": base.get("calibration"),
-                                   "rules": [*rules[:4], {"match": "lm_head", "scheme": scheme}, *rules[4:]]})
+                                   "rules": [*rules[:at], {"match": "lm_head", "scheme": scheme}, *rules[at:]]})
         paths, reports = ws.build(recipe, "head-" + "".join(c if c.isalnum() else "-" for c in name))
         sessions = _sessions(paths)
         logits_of[name] = {text: logits(sessions, t) for text, t in ids.items()}

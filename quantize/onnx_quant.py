@@ -93,10 +93,9 @@ def _output_rows(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
     return weight.dims[1] if node.op_type == "MatMul" else weight.dims[0]
 
 
-def _row_parts(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], recipe: Recipe
+def _row_parts(inits: dict[str, onnx.TensorProto], nodes: dict[str, onnx.NodeProto], recipe: Recipe
                ) -> dict[str, list[tuple[int, int, Scheme | None]]]:
     """:meth:`Recipe.parts_for` of every weight node (one part unless a ``rows`` rule splits it)."""
-    inits = {i.name: i for i in model.graph.initializer}
     return {name: recipe.parts_for(name, _output_rows(node, inits[_weight_input(node)])) for name, node in nodes.items()}
 
 
@@ -111,7 +110,8 @@ def planned_schemes(model: onnx.ModelProto, recipe: Recipe) -> dict[str, Scheme 
     """What :func:`quantize_model` will store each weight node (or row part, by :func:`row_part_name`) as,
     without changing the graph."""
     nodes = _weight_nodes(model)
-    return _plan(_row_parts(model, nodes, recipe.for_weights(nodes)))
+    inits = {i.name: i for i in model.graph.initializer}
+    return _plan(_row_parts(inits, nodes, recipe.for_weights(nodes)))
 
 
 def split_rows(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], recipe: Recipe
@@ -120,7 +120,7 @@ def split_rows(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], recipe:
     splits replaced by one MatMul per part (over the columns of the ONNX ``[K, N]`` weight, named
     :func:`row_part_name`) and a Concat of their outputs along the last axis: the same product."""
     inits = {i.name: i for i in model.graph.initializer}
-    parts = _row_parts(model, nodes, recipe)
+    parts = _row_parts(inits, nodes, recipe)
     replaced: dict[str, list[onnx.NodeProto]] = {}
     gone: set[str] = set()
     for name, split in parts.items():
@@ -173,7 +173,7 @@ def _count_outcomes(model: onnx.ModelProto, original: dict, asked: dict[str, Sch
 
 
 def _numel(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
-    name = node.input[1] if node.op_type == "MatMul" else node.input[0]
+    name = _weight_input(node)
     init = next(i for i in model.graph.initializer if i.name == name)
     return int(np.prod(init.dims))
 
