@@ -141,11 +141,12 @@ class Workspace:
         return flag.exists() and flag.read_text() == "1"
 
     def calibration(self, recipe: Recipe):
-        from smoledge.quantize.calibration import CalibrationStats, collect_for
+        from smoledge.quantize.calibration import COLLECT_VERSION, CalibrationStats, collect_for
 
         if recipe.calibration is None:
             return None
-        path = self.work / f"calibration-{recipe.calibration.sha256()[:12]}-{recipe.calibration.tokens}.npz"
+        spec = recipe.calibration
+        path = self.work / f"calibration-v{COLLECT_VERSION}-{spec.sha256()[:12]}-{spec.tokens}.npz"
         if path.exists():
             return CalibrationStats.load(path)
         stats = collect_for(self.model, recipe, self.tokenizer)

@@ -206,9 +206,10 @@ def test_calibrated_results_are_cached_by_weights_scheme_and_calibration(tmp_pat
 
 
 def test_file_backed_grams_equal_the_in_memory_sum_and_leave_no_scratch(tmp_path, monkeypatch):
-    """collect() writes each layer's inputs to a scratch file and forms X^T X on read: the matrix equals the
-    fp64 sum of the per-sequence fp32 products, layers reading one tensor share it, and the scratch folder
-    goes with the object (a dead writer's folder goes with the next collect)."""
+    """collect() writes each layer's inputs to a scratch file (bfloat16) and forms X^T X on read: the matrix
+    equals the fp64 sum of the per-sequence fp32 products of the bf16-rounded inputs, which is within bf16's
+    rounding of the float32 inputs' own; layers reading one tensor share it, and the scratch folder goes
+    with the object (a dead writer's folder goes with the next collect)."""
     import torch
 
     from smoledge.quantize.calibration import SEQUENCE, ActivationGrams
@@ -223,8 +224,12 @@ def test_file_backed_grams_equal_the_in_memory_sum_and_leave_no_scratch(tmp_path
     for seq in seqs:
         grams.append("q", seq)
     grams.share("k", "q")
-    expected = sum((torch.from_numpy(s).T @ torch.from_numpy(s)).double() for s in seqs).numpy()
+    rounded = [torch.from_numpy(s).to(torch.bfloat16).float() for s in seqs]
+    expected = sum((r.T @ r).double() for r in rounded).numpy()
     assert set(grams) == {"q", "k"} and np.array_equal(grams["q"], expected) and np.array_equal(grams["k"], expected)
+    exact = sum((torch.from_numpy(s).T @ torch.from_numpy(s)).double() for s in seqs).numpy()
+    assert np.abs(expected - exact).max() <= 2 ** -7 * np.abs(exact).max()
+    assert sum(f.stat().st_size for f in grams.folder.iterdir()) == 2 * sum(s.size for s in seqs)  # 2 bytes a value
     folder = grams.folder
     del grams
     assert not folder.exists()

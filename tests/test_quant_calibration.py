@@ -45,4 +45,4 @@ def test_calibration_text_is_prose_and_chat_turns_of_useful_size(realtext_model_
     text = BUILTIN_TEXT.read_text()
     assert text.count("<|im_start|>user") >= 5 and text.count("<|im_start|>assistant") >= 5
     tokens = sum(len(s) for s in token_ids(CalibrationSpec(tokens=10**6), realtext_model_dir / "tokenizer.json"))
-    assert 1500 <= tokens <= 8000
+    assert 6000 <= tokens <= 12000  # int4-mixed calibrates on all of it (8,192 tokens at most)
