@@ -46,3 +46,12 @@ def test_calibration_text_is_prose_and_chat_turns_of_useful_size(realtext_model_
     assert text.count("<|im_start|>user") >= 5 and text.count("<|im_start|>assistant") >= 5
     tokens = sum(len(s) for s in token_ids(CalibrationSpec(tokens=10**6), realtext_model_dir / "tokenizer.json"))
     assert 6000 <= tokens <= 12000  # int4-mixed calibrates on all of it (8,192 tokens at most)
+
+
+def test_the_default_recipe_calibrates_on_the_whole_shipped_text(realtext_model_dir):
+    from smoledge.quantize.recipe import DEFAULT_RECIPE, load_recipe
+
+    spec = load_recipe(DEFAULT_RECIPE).calibration
+    assert spec.text == "builtin"
+    everything = sum(len(s) for s in token_ids(CalibrationSpec(tokens=10**6), realtext_model_dir / "tokenizer.json"))
+    assert sum(len(s) for s in token_ids(spec, realtext_model_dir / "tokenizer.json")) == everything
