@@ -141,12 +141,12 @@ class Workspace:
         return flag.exists() and flag.read_text() == "1"
 
     def calibration(self, recipe: Recipe):
-        from smoledge.quantize.calibration import COLLECT_VERSION, CalibrationStats, collect_for
+        from smoledge.quantize.calibration import CalibrationStats, collect_for, source_key
 
         if recipe.calibration is None:
             return None
-        spec = recipe.calibration
-        path = self.work / f"calibration-v{COLLECT_VERSION}-{spec.sha256()[:12]}-{spec.tokens}.npz"
+        # keyed as export keys calibrated results: collect's version, the model, tokenizer, text and tokens
+        path = self.work / f"calibration-{source_key(self.model, recipe.calibration, self.tokenizer)[:16]}.npz"
         if path.exists():
             return CalibrationStats.load(path)
         stats = collect_for(self.model, recipe, self.tokenizer)

@@ -20,6 +20,11 @@ def _ngrams(tokens: list, n: int = N) -> set[tuple]:
     return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
+def _every_token(model_dir: Path) -> list[int]:
+    """The whole shipped calibration text's token ids, in order."""
+    return [t for seq in token_ids(CalibrationSpec(tokens=10**6), model_dir / "tokenizer.json") for t in seq]
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
@@ -35,16 +40,14 @@ def test_no_8_token_ngram_of_a_scored_text_is_in_the_calibration_tokens(scored, 
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(realtext_model_dir / "tokenizer.json"))
-    calibration = [t for seq in token_ids(CalibrationSpec(tokens=10**6), realtext_model_dir / "tokenizer.json")
-                   for t in seq]
-    shared = _ngrams(calibration) & _ngrams(tok.encode(scored.read_text()).ids)
+    shared = _ngrams(_every_token(realtext_model_dir)) & _ngrams(tok.encode(scored.read_text()).ids)
     assert not shared, [tok.decode(list(g)) for g in sorted(shared)[:5]]
 
 
 def test_calibration_text_is_prose_and_chat_turns_of_useful_size(realtext_model_dir):
     text = BUILTIN_TEXT.read_text()
     assert text.count("<|im_start|>user") >= 5 and text.count("<|im_start|>assistant") >= 5
-    tokens = sum(len(s) for s in token_ids(CalibrationSpec(tokens=10**6), realtext_model_dir / "tokenizer.json"))
+    tokens = len(_every_token(realtext_model_dir))
     assert 6000 <= tokens <= 12000  # int4-mixed calibrates on all of it (8,192 tokens at most)
 
 
@@ -53,5 +56,5 @@ def test_the_default_recipe_calibrates_on_the_whole_shipped_text(realtext_model_
 
     spec = load_recipe(DEFAULT_RECIPE).calibration
     assert spec.text == "builtin"
-    everything = sum(len(s) for s in token_ids(CalibrationSpec(tokens=10**6), realtext_model_dir / "tokenizer.json"))
-    assert sum(len(s) for s in token_ids(spec, realtext_model_dir / "tokenizer.json")) == everything
+    used = [t for seq in token_ids(spec, realtext_model_dir / "tokenizer.json") for t in seq]
+    assert used == _every_token(realtext_model_dir)
